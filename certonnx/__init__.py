@@ -1,0 +1,27 @@
+"""certonnx: ONNX in, provably robust ONNX out."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from certonnx.graph.model import CertModel
+
+
+def load(path: str, **kwargs: Any) -> CertModel:
+    """Import an ONNX file as a trainable torch.fx graph (see :func:`certonnx.io.load.load`)."""
+    from certonnx.io.load import load as _load
+
+    return _load(path, **kwargs)
+
+
+def export(model: CertModel, path: str, certificate: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """Write ``model`` to ONNX with its certificate (see :func:`certonnx.io.export.export`)."""
+    from certonnx.io.export import export as _export
+
+    _export(model, path, certificate=certificate, **kwargs)
+
+
+__all__ = ["__version__", "load", "export"]

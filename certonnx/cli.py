@@ -1,0 +1,97 @@
+"""Command-line entry point. Thin on purpose: each command lives in ``certonnx/commands/``.
+
+Every command runs inside :func:`run_guarded`, which turns :class:`CertonnxError` (and other
+expected failures) into one ``error: ...`` line and a non-zero exit, unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from certonnx import __version__
+
+# command name -> module under certonnx.commands exposing a click command called ``command``
+COMMANDS = ["inspect", "certify", "verify", "finetune"]
+
+
+class _Group(click.Group):
+    """Loads command modules lazily, so ``certonnx --help`` stays fast and one broken
+    optional dependency does not take every command down."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [c for c in COMMANDS if importlib.util.find_spec(f"certonnx.commands.{c}") is not None]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        try:
+            mod = importlib.import_module(f"certonnx.commands.{name}")
+        except ModuleNotFoundError:
+            return None
+        return mod.command
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="certonnx")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """certonnx: certify, verify and certifiably fine-tune ONNX models.
+
+    \b
+    certonnx inspect model.onnx
+    certonnx certify model.onnx --data mnist.npz --norm linf:0.1,l2:0.5
+    certonnx finetune model.onnx --data mnist.npz --norm linf,l2 --method cure -o robust.onnx
+    certonnx verify model.onnx prop.vnnlib
+
+    ε is measured in the model's raw input space (pixels in [0, 1]) unless stated otherwise.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry: one-line errors, non-zero exit codes, tracebacks only with --debug."""
+    from certonnx.errors import CertonnxError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="certonnx", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code if e.exit_code else 2
+    except CertonnxError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        return 130
+    except MemoryError:
+        if debug:
+            raise
+        click.echo("error: out of memory (try a smaller --batch-size or a cheaper --method)", err=True)
+        return 3
+    except OSError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", err=True)
+        return 2
+    except Exception as e:  # noqa: BLE001 - last line of defence: never a bare traceback
+        if debug:
+            raise
+        click.echo(f"error: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

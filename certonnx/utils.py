@@ -1,0 +1,99 @@
+"""Small shared helpers: atomic writes, hashing, device choice.
+
+Atomic writes matter because certonnx promises never to leave a half-written model or
+checkpoint behind: we write to a temporary file in the same directory, fsync, then rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from certonnx.errors import OutputPathError
+
+
+def check_writable(path: str | os.PathLike[str]) -> Path:
+    """Fail early (before any long work) when ``path`` cannot be written."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.exists():
+        raise OutputPathError(f"output directory does not exist: {parent}")
+    if p.exists() and p.is_dir():
+        raise OutputPathError(f"output path is a directory: {p}")
+    if not os.access(parent, os.W_OK):
+        raise OutputPathError(f"output directory is not writable: {parent}")
+    return p
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    p = check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OutputPathError(f"cannot write {p}: {e.strerror or e}") from e
+    return p
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` with the same atomic guarantee as :func:`atomic_write_bytes`."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_arrays(*arrays: object) -> str:
+    """Fingerprint of evaluated data (stored in certificates)."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for a in arrays:
+        arr = np.ascontiguousarray(np.asarray(a))
+        h.update(str(arr.dtype).encode())
+        h.update(str(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; anything else is passed to torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        from certonnx.errors import CertonnxError
+
+        raise CertonnxError(f"unknown device {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from certonnx.errors import CertonnxError
+
+        raise CertonnxError("--device cuda asked for, but no CUDA device is available")
+    return dev
