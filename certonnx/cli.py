@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="certonnx", standalone_mode=False)
+        rv = cli.main(args=args, prog_name="certonnx", standalone_mode=False)
+        if isinstance(rv, int):
+            return rv
     except click.exceptions.Abort:
         click.echo("error: aborted", err=True)
         return 130

@@ -1,0 +1,141 @@
+"""Basic objects of the bound engine: intervals, input sets and specifications.
+
+Shapes used throughout the engine:
+
+* a perturbed tensor has shape ``(B, *s)``: batch first, ``s`` the per-sample shape;
+* a linear bound on it is a matrix ``A`` of shape ``(B, S, *s)``: ``S`` specification rows
+  (e.g. the K-1 margins ``y_true - y_j``) for each of the ``B`` samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NORMS = ("linf", "l2")
+
+
+@dataclass
+class Interval:
+    """Element-wise lower/upper bounds of a perturbed tensor.
+
+    ``ball`` optionally records that the tensor lies in an L2 ball ``(center, eps)`` of the
+    *same* shape (eps per sample, shape ``(B,)``). Shape-only ops and scalar affine ops keep it,
+    so the first dense or conv layer after the input can bound an L2 set with the dual norm
+    (``eps * ||row||_2``) instead of the much looser enclosing box.
+    """
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+    ball: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def center(self) -> torch.Tensor:
+        return (self.upper + self.lower) / 2
+
+    @property
+    def radius(self) -> torch.Tensor:
+        return (self.upper - self.lower) / 2
+
+    @staticmethod
+    def from_center(center: torch.Tensor, radius: torch.Tensor) -> Interval:
+        return Interval(center - radius, center + radius)
+
+    def intersect(self, other: Interval) -> Interval:
+        """Both are sound, so their intersection is too (and never looser)."""
+        return Interval(torch.maximum(self.lower, other.lower), torch.minimum(self.upper, other.upper), self.ball)
+
+
+def _per_sample(v: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast a scalar or a ``(B,)`` tensor against ``x`` of shape ``(B, *s)``."""
+    t = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    if t.ndim == 0:
+        return t.expand(x.shape[0])
+    if t.ndim != 1 or t.shape[0] != x.shape[0]:
+        raise ValueError(f"eps must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
+    return t
+
+
+class InputSet:
+    """The perturbation set: a norm ball around ``x`` intersected with the input domain.
+
+    ``domain`` is the box of valid raw inputs (pixels in [0, 1] by default). Intersecting with
+    it is sound (the true set is smaller) and makes bounds tighter. For L2 the intersection of
+    a ball and a box has no closed-form linear bound; we take the better of the ball bound and
+    the box bound, each of which is valid for the intersection.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        eps: float | torch.Tensor,
+        norm: str = "linf",
+        domain: tuple[float, float] | tuple[torch.Tensor, torch.Tensor] | None = (0.0, 1.0),
+    ) -> None:
+        norm = norm.lower()
+        if norm in ("inf", "l_inf", "linfty"):
+            norm = "linf"
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r} (expected one of {NORMS})")
+        self.x = x
+        self.norm = norm
+        self.eps = _per_sample(eps, x)
+        if torch.any(self.eps < 0):
+            raise ValueError("eps must be non-negative")
+        epsb = self.eps.view(-1, *([1] * (x.ndim - 1)))
+        lo, hi = x - epsb, x + epsb
+        if domain is not None:
+            dlo = torch.as_tensor(domain[0], dtype=x.dtype, device=x.device)
+            dhi = torch.as_tensor(domain[1], dtype=x.dtype, device=x.device)
+            lo, hi = torch.maximum(lo, dlo), torch.minimum(hi, dhi)
+            # a point outside the domain (e.g. unnormalized data) still yields a non-empty box
+            lo = torch.minimum(lo, x)
+            hi = torch.maximum(hi, x)
+        self.lower, self.upper = lo, hi
+
+    @classmethod
+    def from_box(cls, lower: torch.Tensor, upper: torch.Tensor) -> InputSet:
+        """An arbitrary box (VNN-LIB properties, input splitting), treated as an L∞ set."""
+        if torch.any(lower > upper):
+            raise ValueError("box lower bound exceeds upper bound")
+        self = cls.__new__(cls)
+        self.x = (lower + upper) / 2
+        self.norm = "linf"
+        self.eps = ((upper - lower) / 2).flatten(1).amax(1)
+        self.lower, self.upper = lower, upper
+        return self
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+    def interval(self) -> Interval:
+        """The enclosing box; for L2 it also carries the ball for the first layer's dual norm."""
+        ball = (self.x, self.eps) if self.norm == "l2" else None
+        return Interval(self.lower, self.upper, ball)
+
+    def concretize(self, A: torch.Tensor, sign: float) -> torch.Tensor:
+        """min (sign=-1) or max (sign=+1) of ``A · x'`` over the set, shape ``(B, S)``.
+
+        ``A`` has shape ``(B, S, *s)``.
+        """
+        Af = A.flatten(2)
+        c = ((self.upper + self.lower) / 2).flatten(1).unsqueeze(-1)
+        r = ((self.upper - self.lower) / 2).flatten(1).unsqueeze(-1)
+        box = torch.bmm(Af, c).squeeze(-1) + sign * torch.bmm(Af.abs(), r).squeeze(-1)
+        if self.norm == "linf":
+            return box
+        ball = torch.bmm(Af, self.x.flatten(1).unsqueeze(-1)).squeeze(-1) + sign * Af.norm(dim=2) * self.eps[:, None]
+        return torch.maximum(box, ball) if sign < 0 else torch.minimum(box, ball)
+
+
+def margin_matrix(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Specification rows ``e_y - e_j`` for every ``j != y``: shape ``(B, K-1, K)``.
+
+    The sample is verified when the lower bound of every row is positive.
+    """
+    eye = torch.eye(num_classes, device=y.device)
+    full = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, K, K), row j = e_y - e_j
+    keep = torch.arange(num_classes, device=y.device).unsqueeze(0) != y.unsqueeze(1)
+    return full[keep].view(y.shape[0], num_classes - 1, num_classes)

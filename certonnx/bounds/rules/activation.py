@@ -1,0 +1,251 @@
+"""Element-wise activations: each supplies a linear relaxation on [l, u].
+
+``relax(l, u)`` returns ``(lw, lb, uw, ub)`` with ``lw·x + lb <= f(x) <= uw·x + ub`` for every
+``x`` in ``[l, u]``. The CROWN step is the same for all of them (``ActivationRule.backward``):
+positive coefficients take the lower line, negative ones the upper line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from certonnx.bounds.core import Interval
+from certonnx.bounds.registry import AMat, Rule, Value, register
+from certonnx.errors import UnsupportedOpError
+
+_TINY = 1e-12
+
+
+class ActivationRule(Rule):
+    affine = False
+    #: has a free lower slope that α-CROWN may optimise
+    alpha_capable = False
+
+    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+        if self.pert != [0]:
+            raise UnsupportedOpError(self.label, self.node.name, "parameters must not depend on the input")
+
+    def fn(self, x: torch.Tensor, vals: Sequence[Value]) -> torch.Tensor:
+        return self.call_with(vals, {0: x})
+
+    def ibp(self, vals: Sequence[Value]) -> Interval:
+        # every activation here is monotone non-decreasing
+        itv: Interval = vals[0]
+        return Interval(self.fn(itv.lower, vals), self.fn(itv.upper, vals))
+
+    def relax(
+        self, l: torch.Tensor, u: torch.Tensor, vals: Sequence[Value], alpha: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def backward(  # type: ignore[no-untyped-def]
+        self, lA: AMat, uA: AMat, vals: Sequence[Value], alpha: torch.Tensor | None = None
+    ):
+        itv: Interval = vals[0]
+        l, u = itv.lower.unsqueeze(1), itv.upper.unsqueeze(1)
+        lw, lb, uw, ub = self.relax(l, u, vals)
+        nl = nu = None
+        bl: torch.Tensor | float = 0.0
+        bu: torch.Tensor | float = 0.0
+        if lA is not None:
+            llw, llb = lw, lb
+            if alpha is not None:
+                llw, llb, _, _ = self.relax(l, u, vals, alpha)
+            pos, neg = lA.clamp(min=0), lA.clamp(max=0)
+            nl = pos * llw + neg * uw
+            bl = (pos * llb + neg * ub).flatten(2).sum(2)
+        if uA is not None:
+            pos, neg = uA.clamp(min=0), uA.clamp(max=0)
+            nu = pos * uw + neg * lw
+            bu = (pos * ub + neg * lb).flatten(2).sum(2)
+        return [(nl, nu)], bl, bu
+
+    def lipschitz(self, vals: Sequence[Value], norm: str) -> float | None:
+        return 1.0
+
+
+def _relu_relax(l, u, alpha, slope_neg: float = 0.0):  # type: ignore[no-untyped-def]
+    """Triangle relaxation of max(a·x, x) (a = slope_neg ≤ 1) on [l, u]."""
+    a = slope_neg
+    active = l >= 0
+    dead = u <= 0
+    unstable = ~(active | dead)
+    den = torch.where(unstable, u - l, torch.ones_like(u))
+    uw_unst = (u - a * l) / den
+    uw = torch.where(active, torch.ones_like(u), torch.where(dead, torch.full_like(u, a), uw_unst))
+    ub = torch.where(unstable, (a - uw_unst) * l, torch.zeros_like(u))
+    if alpha is None:
+        # CROWN's adaptive choice: slope 1 when the positive part dominates
+        lw_unst = torch.where(u > -l, torch.ones_like(u), torch.full_like(u, a))
+    else:
+        lw_unst = a + (1 - a) * alpha
+    lw = torch.where(active, torch.ones_like(u), torch.where(dead, torch.full_like(u, a), lw_unst))
+    lb = torch.zeros_like(lw)
+    return lw, lb, uw, ub
+
+
+@register
+class ReLURule(ActivationRule):
+    label = "Relu"
+    alpha_capable = True
+    module_types = (nn.ReLU,)
+    functions = (torch.relu, F.relu)
+    method_names = ("relu",)
+
+    def relax(self, l, u, vals, alpha=None):  # type: ignore[no-untyped-def]
+        return _relu_relax(l, u, alpha)
+
+
+@register
+class LeakyReLURule(ActivationRule):
+    label = "LeakyRelu"
+    alpha_capable = True
+    module_types = (nn.LeakyReLU,)
+    functions = (F.leaky_relu,)
+
+    def slope(self) -> float:
+        if self.module is not None:
+            return float(self.module.negative_slope)  # type: ignore[union-attr,arg-type]
+        args = self.node.args
+        return float(args[1]) if len(args) > 1 else float(self.node.kwargs.get("negative_slope", 0.01))
+
+    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+        super().check(gm)
+        if not 0.0 <= self.slope() <= 1.0:
+            raise UnsupportedOpError(self.label, self.node.name, "negative_slope must be in [0, 1]")
+
+    def relax(self, l, u, vals, alpha=None):  # type: ignore[no-untyped-def]
+        return _relu_relax(l, u, alpha, self.slope())
+
+    def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
+        return max(1.0, abs(self.slope()))
+
+
+class _SShapedRule(ActivationRule):
+    """Sigmoid and tanh: convex for x ≤ 0, concave for x ≥ 0, derivative unimodal.
+
+    * entirely in the concave part: chord below, tangent at the midpoint above;
+    * entirely in the convex part: tangent below, chord above;
+    * across 0: one slope ``k = min(f'(l), f'(u))`` for both lines. Because f' is unimodal its
+      minimum on [l, u] sits at an endpoint, so ``f(x) - k x`` is non-decreasing there and the
+      lines through ``(l, f(l))`` and ``(u, f(u))`` are a lower and an upper bound.
+    """
+
+    def f(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def df(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def relax(self, l, u, vals, alpha=None):  # type: ignore[no-untyped-def]
+        fl, fu = self.f(l), self.f(u)
+        width = u - l
+        narrow = width < 1e-6
+        chord = torch.where(narrow, self.df(l), (fu - fl) / torch.where(narrow, torch.ones_like(width), width))
+        m = (l + u) / 2
+        fm, dm = self.f(m), self.df(m)
+        k = torch.minimum(self.df(l), self.df(u))
+        concave = l >= 0
+        convex = u <= 0
+        # lower line
+        lw = torch.where(concave, chord, torch.where(convex, dm, k))
+        lb = torch.where(concave, fl - chord * l, torch.where(convex, fm - dm * m, fl - k * l))
+        # upper line
+        uw = torch.where(concave, dm, torch.where(convex, chord, k))
+        ub = torch.where(concave, fm - dm * m, torch.where(convex, fu - chord * u, fu - k * u))
+        # float slack so rounding in the chord/tangent never cuts the curve
+        slack = 1e-7 * (1 + fl.abs() + fu.abs())
+        return lw, lb - slack, uw, ub + slack
+
+
+@register
+class SigmoidRule(_SShapedRule):
+    label = "Sigmoid"
+    module_types = (nn.Sigmoid,)
+    functions = (torch.sigmoid, F.sigmoid)
+    method_names = ("sigmoid",)
+
+    def f(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x)
+
+    def df(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.sigmoid(x)
+        return s * (1 - s)
+
+    def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
+        return 0.25
+
+
+@register
+class TanhRule(_SShapedRule):
+    label = "Tanh"
+    module_types = (nn.Tanh,)
+    functions = (torch.tanh, F.tanh)
+    method_names = ("tanh",)
+
+    def f(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+    def df(self, x: torch.Tensor) -> torch.Tensor:
+        return 1 - torch.tanh(x) ** 2
+
+
+@register
+class ClipRule(ActivationRule):
+    """clamp(x, a, b) = a + relu(x - a) - relu(x - b): relaxed as that sum of two ReLUs."""
+
+    label = "Clip"
+    module_types = (nn.Hardtanh, nn.ReLU6)
+    functions = (torch.clamp, torch.clip, F.hardtanh)
+    method_names = ("clamp", "clip")
+    onnx2torch_names = ("OnnxClip",)
+
+    def limits(self) -> tuple[float | None, float | None]:
+        m = self.module
+        if isinstance(m, nn.Hardtanh):  # ReLU6 is a Hardtanh
+            return float(m.min_val), float(m.max_val)
+        if m is not None:
+            lo, hi = m.min_val, m.max_val  # type: ignore[union-attr]
+        else:
+            args = list(self.node.args[1:]) + [None, None]
+            lo = self.node.kwargs.get("min", args[0])
+            hi = self.node.kwargs.get("max", args[1])
+            if self.node.target is F.hardtanh:
+                lo = -1.0 if lo is None else lo
+                hi = 1.0 if hi is None else hi
+        def num(v):  # type: ignore[no-untyped-def]
+            if v is None:
+                return None
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    raise UnsupportedOpError(self.label, self.node.name, "only scalar limits are supported")
+                return float(v)
+            if not isinstance(v, (int, float)):
+                raise UnsupportedOpError(self.label, self.node.name, "limits must be constants")
+            return float(v)
+        return num(lo), num(hi)
+
+    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+        super().check(gm)
+        self.limits()
+
+    def relax(self, l, u, vals, alpha=None):  # type: ignore[no-untyped-def]
+        a, b = self.limits()
+        lw = torch.ones_like(l)
+        uw = torch.ones_like(l)
+        lb = torch.zeros_like(l)
+        ub = torch.zeros_like(l)
+        if a is not None:  # x -> max(x, a) = a + relu(x - a)
+            w1l, b1l, w1u, b1u = _relu_relax(l - a, u - a, None)
+            lw, lb = w1l, b1l - w1l * a + a
+            uw, ub = w1u, b1u - w1u * a + a
+        if b is not None:  # then subtract relu(x - b)
+            w2l, b2l, w2u, b2u = _relu_relax(l - b, u - b, None)
+            # lower of (g - r) = lower(g) - upper(r); upper = upper(g) - lower(r)
+            lw, lb = lw - w2u, lb - (b2u - w2u * b)
+            uw, ub = uw - w2l, ub - (b2l - w2l * b)
+        return lw, lb, uw, ub

@@ -1,0 +1,268 @@
+"""Affine layers with weights: Linear/Gemm, MatMul by a constant, Conv, BatchNorm (eval)."""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from certonnx.bounds.core import Interval
+from certonnx.bounds.registry import AMat, Rule, Value, register
+from certonnx.bounds.rules.common import stack_A, sum_bias, unstack_A
+from certonnx.errors import UnsupportedOpError
+
+
+def _ball_radius(itv: Interval, rownorm: torch.Tensor, center_out: torch.Tensor) -> Interval | None:
+    """Dual-norm bound of the first layer on an L2 ball: ``W x0 + b ± eps ||W_row||_2``."""
+    if itv.ball is None:
+        return None
+    _, eps = itv.ball
+    r = eps.view(-1, *([1] * (center_out.ndim - 1))) * rownorm
+    return Interval(center_out - r, center_out + r)
+
+
+class _WeightedRule(Rule):
+    """Shared IBP for affine layers: centre through the layer, radius through |W|."""
+
+    def weight_bias(self, vals: Sequence[Value]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def apply(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rownorm(self, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+        if len(self.pert) != 1 or self.pert[0] != 0:
+            raise UnsupportedOpError(self.label, self.node.name, "weights must not depend on the input")
+
+    def ibp(self, vals: Sequence[Value]) -> Interval:
+        itv: Interval = vals[0]
+        w, b = self.weight_bias(vals)
+        c = self.apply(itv.center, w, b)
+        r = self.apply(itv.radius, w.abs(), None)
+        out = Interval(c - r, c + r)
+        if itv.ball is not None:
+            center, _ = itv.ball
+            ball = _ball_radius(itv, self.rownorm(w), self.apply(center, w, b))
+            if ball is not None:
+                out = out.intersect(ball)
+                out.ball = None
+        return out
+
+
+@register
+class LinearRule(_WeightedRule):
+    """``y = x Wᵀ + b`` (nn.Linear, F.linear; ONNX Gemm after conversion)."""
+
+    label = "Linear"
+    module_types = (nn.Linear,)
+    functions = (F.linear,)
+
+    def weight_bias(self, vals: Sequence[Value]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.module is not None:
+            return self.module.weight, self.module.bias  # type: ignore[return-value]
+        return vals[1], (vals[2] if len(vals) > 2 else None)
+
+    def apply(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, w, b)
+
+    def rownorm(self, w: torch.Tensor) -> torch.Tensor:
+        return w.norm(dim=1)
+
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+        w, b = self.weight_bias(vals)
+        A, sizes = stack_A(lA, uA)
+        nA = A.matmul(w)
+        bias = sum_bias(A, b) if b is not None else torch.zeros(A.shape[:2], device=A.device, dtype=A.dtype)
+        nl, nu = unstack_A(nA, sizes, lA, uA)
+        bl, bu = unstack_A(bias, sizes, lA, uA)  # type: ignore[arg-type]
+        return [(nl, nu)], (bl if bl is not None else 0.0), (bu if bu is not None else 0.0)
+
+    def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
+        w, _ = self.weight_bias(vals)
+        w = w.detach().double()
+        if norm == "l2":
+            return float(torch.linalg.matrix_norm(w, 2))  # exact: largest singular value
+        return float(w.abs().sum(1).max())  # induced L∞ norm: max row sum
+
+
+@register
+class MatMulRule(_WeightedRule):
+    """``y = x @ W`` with constant ``W`` (ONNX MatMul by an initializer)."""
+
+    label = "MatMul"
+    onnx2torch_names = ("OnnxMatMul",)
+    functions = (torch.matmul, operator.matmul)
+
+    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+        super().check(gm)
+
+    def weight_bias(self, vals: Sequence[Value]) -> tuple[torch.Tensor, None]:
+        w = vals[1]
+        if not isinstance(w, torch.Tensor) or w.ndim != 2:
+            raise UnsupportedOpError(self.label, self.node.name, "only a constant 2-D right operand is supported")
+        return w, None
+
+    def apply(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return x.matmul(w)
+
+    def rownorm(self, w: torch.Tensor) -> torch.Tensor:
+        return w.norm(dim=0)
+
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+        w, _ = self.weight_bias(vals)
+        A, sizes = stack_A(lA, uA)
+        nl, nu = unstack_A(A.matmul(w.t()), sizes, lA, uA)
+        return [(nl, nu)], 0.0, 0.0
+
+    def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
+        w, _ = self.weight_bias(vals)
+        w = w.detach().double()
+        return float(torch.linalg.matrix_norm(w, 2)) if norm == "l2" else float(w.abs().sum(0).max())
+
+
+_CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@register
+class ConvRule(_WeightedRule):
+    """N-d convolution with zero padding; the CROWN step is the transposed convolution."""
+
+    label = "Conv"
+    module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+        super().check(gm)
+        m = self.module
+        assert isinstance(m, nn.modules.conv._ConvNd)
+        if m.padding_mode != "zeros":
+            raise UnsupportedOpError(self.label, self.node.name, f"padding_mode={m.padding_mode!r}")
+        if isinstance(m.padding, str) and m.padding != "valid":
+            raise UnsupportedOpError(self.label, self.node.name, f"padding={m.padding!r}")
+
+    def _params(self) -> tuple[int, tuple, tuple, tuple, int]:
+        m = self.module
+        assert isinstance(m, nn.modules.conv._ConvNd)
+        pad = (0,) * len(m.kernel_size) if isinstance(m.padding, str) else m.padding
+        return len(m.kernel_size), m.stride, pad, m.dilation, m.groups
+
+    def weight_bias(self, vals: Sequence[Value]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.module.weight, self.module.bias  # type: ignore[union-attr,return-value]
+
+    def apply(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        nd, stride, pad, dil, groups = self._params()
+        return _CONV_FN[nd](x, w, b, stride, pad, dil, groups)
+
+    def rownorm(self, w: torch.Tensor) -> torch.Tensor:
+        # norm of the whole kernel: an upper bound of each output's row norm (border rows are
+        # cut by the padding), hence a sound L2 radius
+        nd = w.ndim - 2
+        return w.flatten(1).norm(dim=1).view(-1, *([1] * nd))
+
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+        nd, stride, pad, dil, groups = self._params()
+        w, b = self.weight_bias(vals)
+        A, sizes = stack_A(lA, uA)
+        B, S = A.shape[:2]
+        flat = A.reshape(B * S, *A.shape[2:])
+        nA = _CONV_INPUT_GRAD[nd]((B * S, *self.in_shapes[0]), w, flat, stride, pad, dil, groups)
+        nA = nA.reshape(B, S, *self.in_shapes[0])
+        if b is not None:
+            bias = (A.flatten(3).sum(3) * b).sum(2)
+        else:
+            bias = torch.zeros(A.shape[:2], device=A.device, dtype=A.dtype)
+        nl, nu = unstack_A(nA, sizes, lA, uA)
+        bl, bu = unstack_A(bias, sizes, lA, uA)
+        return [(nl, nu)], (bl if bl is not None else 0.0), (bu if bu is not None else 0.0)
+
+    def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
+        nd, stride, pad, dil, groups = self._params()
+        w = self.module.weight.detach().double()  # type: ignore[union-attr]
+        if norm != "l2":
+            return float(w.flatten(1).abs().sum(1).max())  # each output's row sum, padding only cuts it
+        # conv = W_mat ∘ unfold; each input element appears in at most prod(ceil(k/s)) patches,
+        # so ||unfold||_2 <= sqrt(that multiplicity). With groups, W_mat is block diagonal.
+        mult = math.prod(math.ceil(k / s) for k, s in zip(w.shape[2:], stride))
+        co = w.shape[0] // groups
+        blocks = [torch.linalg.matrix_norm(w[g * co:(g + 1) * co].flatten(1), 2) for g in range(groups)]
+        return float(max(blocks)) * math.sqrt(mult)
+
+
+@register
+class BatchNormRule(Rule):
+    """BatchNorm as a per-channel affine map.
+
+    In eval mode it uses the running statistics. In training mode the statistics of the clean
+    batch are used (``observe`` is called by the engine with the clean input first), as
+    certified training requires: the bound pass must not see statistics of perturbed data.
+    """
+
+    label = "BatchNorm"
+    module_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    onnx2torch_names = ("OnnxBatchNorm",)
+
+    def __init__(self, *a, **k) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*a, **k)
+        self.batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def needs_clean(self) -> bool:
+        return bool(self.module is not None and self.module.training)
+
+    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+        if self.pert != [0]:
+            raise UnsupportedOpError(self.label, self.node.name, "statistics must not depend on the input")
+
+    def observe(self, x: torch.Tensor) -> None:
+        dims = [0] + list(range(2, x.ndim))
+        self.batch_stats = (x.mean(dims), x.var(dims, unbiased=False))
+
+    def scale_shift(self, vals: Sequence[Value]) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.module
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            w = m.weight if m.weight is not None else torch.ones_like(m.running_mean)  # type: ignore[arg-type]
+            b = m.bias if m.bias is not None else torch.zeros_like(m.running_mean)  # type: ignore[arg-type]
+            eps = m.eps
+            if m.training and self.batch_stats is not None:
+                mean, var = self.batch_stats
+            else:
+                mean, var = m.running_mean, m.running_var
+        else:  # OnnxBatchNorm(x, weight, bias, running_mean, running_var)
+            w, b, mean, var = vals[1], vals[2], vals[3], vals[4]
+            eps = m.epsilon  # type: ignore[union-attr]
+        scale = w / torch.sqrt(var + eps)  # type: ignore[operator]
+        shift = b - mean * scale  # type: ignore[operator]
+        return scale, shift
+
+    def _shape(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        return t.view(-1, *([1] * (ndim - 2)))
+
+    def ibp(self, vals: Sequence[Value]) -> Interval:
+        itv: Interval = vals[0]
+        scale, shift = self.scale_shift(vals)
+        nd = itv.lower.ndim
+        s, t = self._shape(scale, nd), self._shape(shift, nd)
+        c, r = itv.center * s + t, itv.radius * s.abs()
+        return Interval(c - r, c + r)
+
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+        scale, shift = self.scale_shift(vals)
+        A, sizes = stack_A(lA, uA)
+        nd = A.ndim - 1  # as a (B, C, ...) tensor
+        s, t = self._shape(scale, nd), self._shape(shift, nd)
+        nA = A * s
+        bias = sum_bias(A, t)
+        nl, nu = unstack_A(nA, sizes, lA, uA)
+        bl, bu = unstack_A(bias, sizes, lA, uA)  # type: ignore[arg-type]
+        return [(nl, nu)], (bl if bl is not None else 0.0), (bu if bu is not None else 0.0)
+
+    def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
+        scale, _ = self.scale_shift(vals)
+        return float(scale.detach().abs().max())

@@ -1,0 +1,134 @@
+"""Pooling: average pools (linear) and max pooling (relaxed)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from certonnx.bounds.core import Interval
+from certonnx.bounds.registry import AMat, Rule, Value, register
+from certonnx.bounds.rules.common import MonotoneLinearRule
+from certonnx.errors import UnsupportedOpError
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+@register
+class AvgPoolRule(MonotoneLinearRule):
+    """AvgPool, GlobalAveragePool, adaptive average pooling, mean over spatial dims."""
+
+    label = "AvgPool"
+    module_types = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+    functions = (F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean)
+    method_names = ("mean",)
+    onnx2torch_names = ("OnnxGlobalAveragePool", "OnnxGlobalAveragePoolWithKnownInputShape")
+
+    def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
+        m = self.module
+        if norm == "l2" and isinstance(m, nn.AvgPool2d):
+            k, s = _pair(m.kernel_size), _pair(m.stride or m.kernel_size)
+            mult = math.prod(math.ceil(a / b) for a, b in zip(k, s))
+            return math.sqrt(mult) / math.sqrt(k[0] * k[1])
+        return 1.0  # an average of n values with unit L2 row norm 1/sqrt(n) <= 1 (non-overlapping)
+
+
+@register
+class MaxPoolRule(Rule):
+    """2-D max pooling.
+
+    IBP: max pooling is monotone. CROWN: the lower line is the window element with the largest
+    lower bound (``max ≥ x_k``); the upper line is that same element where it dominates its
+    window (its lower bound exceeds every other upper bound, so max = x_k exactly), and the
+    constant ``max u`` elsewhere. Windows are formed with unfold, so overlapping windows and
+    padding (by -inf) are handled, and the backward step is a fold (a scatter-add).
+    """
+
+    label = "MaxPool"
+    affine = False
+    module_types = (nn.MaxPool2d,)
+    functions = (F.max_pool2d,)
+
+    def _params(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], bool]:
+        m = self.module
+        if isinstance(m, nn.MaxPool2d):
+            k = _pair(m.kernel_size)
+            s = _pair(m.stride if m.stride else m.kernel_size)
+            return k, s, _pair(m.padding), _pair(m.dilation), bool(m.ceil_mode or m.return_indices)
+        args = list(self.node.args) + [None] * 6
+        kw = self.node.kwargs
+        k = _pair(kw.get("kernel_size", args[1]))
+        st = kw.get("stride", args[2])
+        s = _pair(st) if st else k
+        p = _pair(kw.get("padding", args[3] if args[3] is not None else 0))
+        d = _pair(kw.get("dilation", args[4] if args[4] is not None else 1))
+        bad = bool(kw.get("ceil_mode", args[5] or False)) or bool(kw.get("return_indices", args[6] or False))
+        return k, s, p, d, bad
+
+    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+        if self.pert != [0]:
+            raise UnsupportedOpError(self.label, self.node.name, "only one input")
+        if self._params()[4]:
+            raise UnsupportedOpError(self.label, self.node.name, "ceil_mode / return_indices")
+
+    def ibp(self, vals: Sequence[Value]) -> Interval:
+        itv: Interval = vals[0]
+        return Interval(self.call_with(vals, {0: itv.lower}), self.call_with(vals, {0: itv.upper}))
+
+    def _windows(self, t: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, kk, L) windows, padding with -inf."""
+        k, s, p, d, _ = self._params()
+        N, C = t.shape[:2]
+        tp = F.pad(t, (p[1], p[1], p[0], p[0]), value=float("-inf")) if any(p) else t
+        w = F.unfold(tp.reshape(N * C, 1, *tp.shape[2:]), k, dilation=d, stride=s)
+        return w.reshape(N, C, k[0] * k[1], -1)
+
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+        itv: Interval = vals[0]
+        k, s, p, d, _ = self._params()
+        lw, uw = self._windows(itv.lower), self._windows(itv.upper)  # (B, C, kk, L)
+        kk = lw.shape[2]
+        idx = lw.argmax(2, keepdim=True)  # element with the best lower bound
+        sel = torch.zeros_like(lw).scatter_(2, idx, 1.0)
+        u_others = uw.masked_fill(sel.bool(), float("-inf")).amax(2)  # (B, C, L)
+        l_k = lw.gather(2, idx).squeeze(2)
+        dominant = l_k >= u_others
+        umax = uw.amax(2)
+        C = lw.shape[1]
+        H, W = self.in_shapes[0][1:]
+        Hp, Wp = H + 2 * p[0], W + 2 * p[1]
+
+        def to_input(A: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+            # A: (B, S, C, Ho, Wo); coef: (B, C, kk, L) -> (B, S, C, H, W)
+            Bn, S = A.shape[:2]
+            Aw = A.reshape(Bn, S, C, 1, -1) * coef.unsqueeze(1)  # (B, S, C, kk, L)
+            cols = Aw.reshape(Bn * S * C, kk, -1)
+            img = F.fold(cols, (Hp, Wp), k, dilation=d, stride=s)  # sums overlapping windows
+            img = img.reshape(Bn, S, C, Hp, Wp)
+            return img[..., p[0]:p[0] + H, p[1]:p[1] + W]
+
+        nl = nu = None
+        bl: torch.Tensor | float = 0.0
+        bu: torch.Tensor | float = 0.0
+        up_coef = sel * dominant.unsqueeze(2)
+        up_const = torch.where(dominant, torch.zeros_like(umax), umax)  # (B, C, L)
+        if lA is not None:
+            pos, neg = lA.clamp(min=0), lA.clamp(max=0)
+            nl = to_input(pos, sel) + to_input(neg, up_coef)
+            bl = (neg.reshape(*neg.shape[:3], -1) * up_const.unsqueeze(1)).flatten(2).sum(2)
+        if uA is not None:
+            pos, neg = uA.clamp(min=0), uA.clamp(max=0)
+            nu = to_input(pos, up_coef) + to_input(neg, sel)
+            bu = (pos.reshape(*pos.shape[:3], -1) * up_const.unsqueeze(1)).flatten(2).sum(2)
+        return [(nl, nu)], bl, bu
+
+    def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
+        k, s, _, _, _ = self._params()
+        if norm == "l2":
+            return math.sqrt(math.prod(math.ceil(a / b) for a, b in zip(k, s)))
+        return 1.0

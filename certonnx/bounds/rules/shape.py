@@ -1,0 +1,206 @@
+"""Shape and indexing ops: reshape/flatten/squeeze, transpose, slice, pad, gather, concat,
+identity, and shape queries."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from certonnx.bounds.core import Interval
+from certonnx.bounds.registry import AMat, Rule, Value, register
+from certonnx.bounds.rules.common import MonotoneLinearRule, const_for_A, sum_bias
+from certonnx.errors import UnsupportedOpError
+
+
+def _check_batch(rule: Rule, out: torch.Tensor, batch: int) -> None:
+    if out.ndim == 0 or out.shape[0] != batch:
+        raise UnsupportedOpError(rule.label, rule.node.name, "op mixes the batch dimension with others")
+
+
+@register
+class ReshapeRule(Rule):
+    """Any op that only re-views each sample's elements in the same order."""
+
+    label = "Reshape"
+    module_types = (nn.Flatten, nn.Unflatten)
+    functions = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
+    method_names = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous")
+    onnx2torch_names = (
+        "OnnxReshape", "OnnxFlatten", "OnnxSqueezeStaticAxes", "OnnxSqueezeDynamicAxes",
+        "OnnxUnsqueezeStaticAxes", "OnnxUnsqueezeDynamicAxes",
+    )
+
+    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+        if self.pert != [0]:
+            raise UnsupportedOpError(self.label, self.node.name, "shape must not depend on the input")
+
+    def ibp(self, vals: Sequence[Value]) -> Interval:
+        itv: Interval = vals[0]
+        lo = self.call_with(vals, {0: itv.lower})
+        _check_batch(self, lo, itv.lower.shape[0])
+        hi = self.call_with(vals, {0: itv.upper})
+        ball = None
+        if itv.ball is not None:
+            center, eps = itv.ball
+            ball = (center.reshape(lo.shape), eps)
+        return Interval(lo, hi, ball)
+
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+        shp = self.in_shapes[0]
+        f = (lambda A: None if A is None else A.reshape(*A.shape[:2], *shp))
+        return [(f(lA), f(uA))], 0.0, 0.0
+
+
+@register
+class IdentityRule(ReshapeRule):
+    label = "Identity"
+    module_types = (nn.Identity, nn.Dropout)
+    onnx2torch_names = ("OnnxCopyIdentity", "OnnxCast")
+    method_names = ("float", "to", "clone", "detach")
+    functions = ()
+
+    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+        super().check(gm)
+        if isinstance(self.module, nn.Dropout) and self.module.training and self.module.p > 0:
+            # dropout is random in training mode: bounds would not describe the function
+            raise UnsupportedOpError("Dropout", self.node.name, "dropout in training mode (call .eval())")
+        if type(self.module).__name__ == "OnnxCast":
+            dt = getattr(self.module, "dtype", None)
+            if dt is not None and not torch.empty(0, dtype=dt).is_floating_point():
+                raise UnsupportedOpError("Cast", self.node.name, f"cast of the input to {dt}")
+
+
+@register
+class IndexOpRule(MonotoneLinearRule):
+    """Transpose, slice, pad, gather and expand: linear, non-negative, one perturbed input."""
+
+    label = "Index"
+    module_types = (nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
+    functions = (torch.transpose, torch.permute, F.pad, operator.getitem, torch.narrow)
+    method_names = ("permute", "transpose", "narrow", "expand", "__getitem__")
+    onnx2torch_names = (
+        "OnnxTranspose", "OnnxSlice", "OnnxSliceV9", "OnnxPadStatic", "OnnxPadDynamic", "OnnxGather",
+        "OnnxExpand",
+    )
+
+    def __init__(self, node, gm, pert) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(node, gm, pert)
+        name = type(self.module).__name__ if self.module is not None else str(getattr(node.target, "__name__", node.target))
+        for key, lab in (("ranspose", "Transpose"), ("ermute", "Transpose"), ("lice", "Slice"), ("getitem", "Slice"),
+                         ("ad", "Pad"), ("ather", "Gather"), ("xpand", "Expand"), ("arrow", "Slice")):
+            if key in name:
+                self.label = lab  # type: ignore[misc]
+                break
+
+    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+        super().check(gm)
+        if self.pert != [0]:
+            raise UnsupportedOpError(self.label, self.node.name, "indices must not depend on the input")
+
+    def ibp(self, vals: Sequence[Value]) -> Interval:
+        out = super().ibp(vals)
+        _check_batch(self, out.lower, vals[0].lower.shape[0])
+        if tuple(out.lower.shape[1:]) != tuple(self.out_shape) and self.out_shape:
+            raise UnsupportedOpError(self.label, self.node.name, "output shape depends on the batch size")
+        return out
+
+
+@register
+class ConcatRule(Rule):
+    label = "Concat"
+    functions = (torch.cat, torch.concat)
+    onnx2torch_names = ("OnnxConcat",)
+
+    def _dim(self) -> int:
+        if self.module is not None:
+            d = int(self.module.axis)  # type: ignore[union-attr,arg-type]
+        else:
+            d = int(self.node.kwargs.get("dim", self.node.args[1] if len(self.node.args) > 1 else 0))  # type: ignore[arg-type]
+        return d
+
+    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+        if self._dim() == 0:
+            raise UnsupportedOpError(self.label, self.node.name, "concatenation along the batch dimension")
+
+    def _parts(self, vals: Sequence[Value]) -> list[Value]:
+        # the tensors are all leaves except a trailing dim literal (torch.cat(xs, dim))
+        n_tensors = len(self.node.args[0]) if self.module is None else len(self.node.args)  # type: ignore[arg-type]
+        return list(vals[:n_tensors])
+
+    def ibp(self, vals: Sequence[Value]) -> Interval:
+        parts = self._parts(vals)
+        d = self._dim()
+        B = next(p.lower.shape[0] for p in parts if isinstance(p, Interval))
+        lo, hi = [], []
+        for p in parts:
+            if isinstance(p, Interval):
+                lo.append(p.lower)
+                hi.append(p.upper)
+            else:
+                t = torch.as_tensor(p)
+                t = t.expand(B, *t.shape[1:]) if t.shape[0] == 1 else t
+                lo.append(t)
+                hi.append(t)
+        return Interval(torch.cat(lo, d), torch.cat(hi, d))
+
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+        parts = self._parts(vals)
+        d = self._dim()
+        d = d if d >= 0 else len(self.out_shape) + 1 + d
+        sizes = []
+        j = 0
+        for p in parts:
+            if isinstance(p, Interval):
+                sizes.append(self.in_shapes[j][d - 1])
+                j += 1
+            else:
+                sizes.append(torch.as_tensor(p).shape[d])
+        outs: list[tuple[AMat, AMat]] = []
+        biases = [0.0, 0.0]
+        for k, A in enumerate((lA, uA)):
+            if A is None:
+                continue
+            pieces = torch.split(A, sizes, d + 1)
+            for p, piece in zip(parts, pieces):
+                if not isinstance(p, Interval):
+                    c = const_for_A(torch.as_tensor(p), len(self.out_shape) + 1)
+                    biases[k] = biases[k] + sum_bias(piece, c)  # type: ignore[assignment]
+        pert_pieces = [[None, None] for _ in self.pert]
+        for k, A in enumerate((lA, uA)):
+            if A is None:
+                continue
+            pieces = torch.split(A, sizes, d + 1)
+            q = 0
+            for p, piece in zip(parts, pieces):
+                if isinstance(p, Interval):
+                    pert_pieces[q][k] = piece
+                    q += 1
+        outs = [(a, b) for a, b in pert_pieces]
+        return outs, biases[0], biases[1]
+
+    def lipschitz(self, vals: Sequence[Value], norm: str) -> float | None:
+        return None  # several branches: composed by the certificate
+
+
+@register
+class ShapeOfRule(Rule):
+    """``x.size()``, ``x.shape`` and ONNX Shape: not perturbed values, just the shape."""
+
+    label = "Shape"
+    shape_only = True
+    functions = (getattr,)
+    method_names = ("size", "dim")
+    onnx2torch_names = ("OnnxShape",)
+
+    @classmethod
+    def matches(cls, node: fx.Node, gm: fx.GraphModule) -> bool:
+        if node.op == "call_function":
+            return len(node.args) > 1 and node.args[1] == "shape"
+        return True
+
+    def ibp(self, vals: Sequence[Value]) -> Interval:  # pragma: no cover - never perturbed
+        raise AssertionError("shape queries are not bounded")
