@@ -200,7 +200,7 @@ class ClipRule(ActivationRule):
 
     label = "Clip"
     module_types = (nn.Hardtanh, nn.ReLU6)
-    functions = (torch.clamp, torch.clip, F.hardtanh)
+    functions = (torch.clamp, torch.clip, F.hardtanh, F.relu6)
     method_names = ("clamp", "clip")
     onnx2torch_names = ("OnnxClip",)
 
@@ -208,6 +208,8 @@ class ClipRule(ActivationRule):
         m = self.module
         if isinstance(m, nn.Hardtanh):  # ReLU6 is a Hardtanh
             return float(m.min_val), float(m.max_val)
+        if self.node.target is F.relu6:
+            return 0.0, 6.0
         if m is not None:
             lo, hi = m.min_val, m.max_val  # type: ignore[union-attr]
         else:

@@ -1,0 +1,190 @@
+"""Soundness of every bound rule and method: sample ≥10k points of the set, run PGD towards
+each bound, and nothing may land outside [lower, upper] (tolerance: tests/bounds_util.TOL)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from certonnx.bounds import METHODS, BoundedModule, InputSet, margin_matrix
+from certonnx.errors import UnsupportedOpError
+from tests.bounds_util import assert_sound
+
+
+class ConvNet(nn.Module):
+    """Conv (stride, padding, dilation, groups), BN, ReLU, overlapping MaxPool, AvgPool,
+    residual Add, Concat, Flatten, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.avg = nn.AvgPool2d(2)
+        self.c3 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8 * 3 * 3, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.c1(x)))
+        h = h + torch.relu(self.c2(h))  # residual
+        p = self.pool(h)  # 11 -> 6
+        a = self.avg(p)  # 3
+        b = F.relu(self.c3(p))  # 3
+        z = torch.cat([a, b], dim=1)
+        return self.fc(torch.flatten(z, 1))
+
+
+class ActNet(nn.Module):
+    """Sigmoid, Tanh, LeakyReLU, Clip/Hardtanh, ReLU6, Sub of two perturbed tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(12, 16)
+        self.l2 = nn.Linear(16, 16)
+        self.l3 = nn.Linear(16, 16)
+        self.l4 = nn.Linear(16, 16)
+        self.l5 = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.sigmoid(self.l1(x) * 2.0)
+        h = torch.tanh(self.l2(h))
+        h = F.leaky_relu(self.l3(h), 0.1) - 0.5 * h
+        h = torch.clamp(self.l4(h), -0.3, 0.4) + nn.functional.relu6(h * 3)
+        return self.l5(h)
+
+
+class ShapeNet(nn.Module):
+    """Normalisation by constants, transpose, pad, slice, view, unsqueeze/squeeze, mean,
+    negation, MatMul by a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.3, 0.5]).view(1, 2, 1, 1))
+        self.register_buffer("std", torch.tensor([0.2, 0.4]).view(1, 2, 1, 1))
+        self.conv = nn.Conv2d(2, 3, 2)
+        self.w = nn.Parameter(torch.randn(15, 6) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = (x - self.mean) / self.std
+        h = F.pad(h, (1, 0, 0, 1))
+        h = torch.relu(self.conv(h))  # (3, 5, 5)
+        h = h.transpose(2, 3)[:, :, 1:, :]  # (3, 4, 5)
+        g = h.mean(dim=(2,)).unsqueeze(1).squeeze(1)  # (3, 5)
+        flat = g.view(g.shape[0], -1)
+        return -(torch.relu(flat) @ self.w) + 1.0
+
+
+def _init(m: nn.Module, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 1.5)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    return m.eval()
+
+
+CASES = {
+    "mlp": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                                  nn.Linear(16, 6)), (1, 4, 5), 0.08, 0.3),
+    "conv": (ConvNet, (1, 11, 11), 0.03, 0.3),
+    "act": (ActNet, (12,), 0.1, 0.3),
+    "shape": (ShapeNet, (2, 5, 5), 0.05, 0.2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_every_method_is_sound(case: str, norm: str) -> None:
+    ctor, shape, eps_inf, eps_2 = CASES[case]
+    torch.manual_seed(1)
+    model = _init(ctor(), 3)
+    bm = BoundedModule(model, shape)
+    x = torch.rand(2, *shape)
+    with torch.no_grad():
+        K = model(x).shape[1]
+    y = torch.randint(0, K, (2,))
+    C = margin_matrix(y, K)
+    inset = InputSet(x, eps_inf if norm == "linf" else eps_2, norm)
+    results = {}
+    for method in METHODS:
+        lb, ub = bm.compute(inset, C, method, alpha_steps=10)
+        assert lb.shape == (2, K - 1) and ub is not None
+        assert torch.isfinite(lb).all() and torch.isfinite(ub).all()
+        assert_sound(model, C, inset, lb, ub, n_samples=10_000, label=f"{case}/{norm}/{method}")
+        results[method] = (lb, ub)
+    # raw-output bounds (no C) too
+    lb, ub = bm.compute(inset, None, "crown")
+    assert_sound(model, torch.eye(K).expand(2, K, K), inset, lb, ub, n_samples=2000, label=f"{case}/{norm}/raw")
+    # α-CROWN keeps the best bound: never looser than CROWN
+    assert (results["alpha-crown"][0] >= results["crown"][0] - 1e-6).all()
+
+
+def test_crown_tighter_than_ibp_on_average() -> None:
+    torch.manual_seed(0)
+    for ctor, shape, eps, _ in CASES.values():
+        model = _init(ctor(), 5)
+        bm = BoundedModule(model, shape)
+        x = torch.rand(4, *shape)
+        inset = InputSet(x, eps, "linf")
+        li, ui = bm.compute(inset, None, "ibp")
+        lc, uc = bm.compute(inset, None, "crown")
+        assert (uc - lc).mean() < (ui - li).mean()
+
+
+def test_per_sample_eps_and_box() -> None:
+    torch.manual_seed(0)
+    model = _init(CASES["mlp"][0](), 0)
+    bm = BoundedModule(model, (1, 4, 5))
+    x = torch.rand(3, 1, 4, 5)
+    eps = torch.tensor([0.0, 0.05, 0.2])
+    lb, ub = bm.compute(InputSet(x, eps), None, "crown")
+    out = model(x)
+    assert torch.allclose(lb[0], out[0], atol=1e-4) and torch.allclose(ub[0], out[0], atol=1e-4)
+    assert ((ub - lb)[1] < (ub - lb)[2]).all()
+    box = InputSet.from_box(x - 0.01, x + 0.02)
+    lb, ub = bm.compute(box, None, "crown")
+    assert_sound(model, torch.eye(6).expand(3, 6, 6), box, lb, ub, n_samples=2000, label="box")
+
+
+def test_bounds_are_differentiable() -> None:
+    torch.manual_seed(0)
+    model = _init(ConvNet(), 0).train()
+    bm = BoundedModule(model, (1, 11, 11))
+    x = torch.rand(4, 1, 11, 11)
+    C = margin_matrix(torch.tensor([0, 1, 2, 3]), 10)
+    for method in ("ibp", "crown-ibp"):
+        lb, _ = bm.compute(InputSet(x, 0.02), C, method, upper=False)
+        model.zero_grad()
+        lb.sum().backward()
+        assert model.c1.weight.grad is not None and model.c1.weight.grad.abs().sum() > 0
+
+
+def test_unsupported_op_names_the_op() -> None:
+    class Bad(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.exp(x) * x
+
+    with pytest.raises(UnsupportedOpError, match="exp"):
+        BoundedModule(Bad(), (3,))
+
+    class Prod(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * x
+
+    with pytest.raises(UnsupportedOpError, match="Mul"):
+        BoundedModule(Prod(), (3,))
+
+
+def test_memory_fallback_warns() -> None:
+    torch.manual_seed(0)
+    model = _init(ConvNet(), 0)
+    bm = BoundedModule(model, (1, 11, 11))
+    x = torch.rand(2, 1, 11, 11)
+    with pytest.warns(UserWarning, match="falling back"):
+        lb, _ = bm.compute(InputSet(x, 0.01), None, "alpha-crown", max_memory=1)
+    assert torch.isfinite(lb).all()
