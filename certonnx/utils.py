@@ -34,6 +34,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     p = check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
     try:
+        umask = os.umask(0)  # mkstemp creates 0600 files; give outputs the usual permissions
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

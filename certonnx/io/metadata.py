@@ -1,0 +1,121 @@
+"""The certificate stored in an exported model's ``metadata_props`` (schema in docs/metadata.md).
+
+The certificate travels with the weights: any ONNX runtime can read it
+(``onnxruntime.InferenceSession(p).get_modelmeta().custom_metadata_map["certonnx.certificate"]``),
+and ``weights_sha256`` ties it to the exact initializers it was computed for, so a certificate
+copied onto other weights is detectable.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from certonnx import __version__
+from certonnx.errors import ModelLoadError
+
+SCHEMA = "certonnx.certificate/1"
+KEY_CERTIFICATE = "certonnx.certificate"
+KEY_VERSION = "certonnx.version"
+
+
+def make_certificate(
+    *,
+    norms: dict[str, float],
+    input_space: dict[str, Any],
+    method: str,
+    verifier: str,
+    dataset_sha256: str | None,
+    n: int,
+    clean_accuracy: float,
+    certified_accuracy: dict[str, float],
+    union_certified_accuracy: float | None,
+    pgd_accuracy: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build a certificate dict (JSON-serialisable). ``weights_sha256`` is left ``None``: export
+    fills it with the fingerprint of the weights actually written.
+
+    ``norms`` maps a norm label (``"linf"``, ``"l2"``) to its radius ε in raw input space;
+    ``certified_accuracy`` has the same keys; ``union_certified_accuracy`` is the fraction of
+    samples certified for every norm at once.
+    """
+    cert = {
+        "schema": SCHEMA,
+        "certonnx_version": __version__,
+        "created": _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+        "norms": {str(k): float(v) for k, v in norms.items()},
+        "input_space": input_space,
+        "method": str(method),
+        "verifier": str(verifier),
+        "dataset_sha256": dataset_sha256,
+        "n": int(n),
+        "clean_accuracy": float(clean_accuracy),
+        "certified_accuracy": {str(k): float(v) for k, v in certified_accuracy.items()},
+        "union_certified_accuracy": None if union_certified_accuracy is None else float(union_certified_accuracy),
+        "pgd_accuracy": None if pgd_accuracy is None else {str(k): float(v) for k, v in pgd_accuracy.items()},
+        "weights_sha256": None,
+        "extra": dict(extra or {}),
+    }
+    json.dumps(cert)  # fail here, not at export, on values JSON cannot hold
+    return cert
+
+
+def weights_fingerprint(model: onnx.ModelProto) -> str:
+    """sha256 over the initializers sorted by name: name, dtype, shape and values of each."""
+    h = hashlib.sha256()
+    for t in sorted(model.graph.initializer, key=lambda t: t.name):
+        arr = np.ascontiguousarray(numpy_helper.to_array(t))
+        h.update(t.name.encode())
+        h.update(b"\0" + str(arr.dtype).encode() + b"\0" + str(arr.shape).encode() + b"\0")
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _as_model(path_or_model: str | os.PathLike[str] | onnx.ModelProto | bytes) -> onnx.ModelProto:
+    if isinstance(path_or_model, onnx.ModelProto):
+        return path_or_model
+    if isinstance(path_or_model, bytes):
+        return onnx.load_model_from_string(path_or_model)
+    from certonnx.io.load import read_model
+
+    return read_model(Path(path_or_model))
+
+
+def read_certificate(path_or_model: str | os.PathLike[str] | onnx.ModelProto | bytes) -> dict[str, Any] | None:
+    """The certificate stored in a model, or None when it has none.
+
+    Adds ``weights_match`` (bool): whether ``weights_sha256`` matches the model's initializers.
+    """
+    model = _as_model(path_or_model)
+    meta = {p.key: p.value for p in model.metadata_props}
+    raw = meta.get(KEY_CERTIFICATE)
+    if raw is None:
+        return None
+    try:
+        cert = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"the {KEY_CERTIFICATE} metadata is not valid JSON: {e}") from e
+    if not isinstance(cert, dict):
+        raise ModelLoadError(f"the {KEY_CERTIFICATE} metadata is not a JSON object")
+    fp = cert.get("weights_sha256")
+    cert["weights_match"] = bool(fp) and fp == weights_fingerprint(model)
+    return cert
+
+
+def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
+    """Set (replace) ``metadata_props`` entries in place."""
+    keep = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for k, v in entries.items():
+        p = model.metadata_props.add()
+        p.key, p.value = k, v
