@@ -32,11 +32,11 @@ class Interval:
 
     @property
     def center(self) -> torch.Tensor:
-        return (self.upper + self.lower) / 2
+        return (self.upper + self.lower) * 0.5
 
     @property
     def radius(self) -> torch.Tensor:
-        return (self.upper - self.lower) / 2
+        return (self.upper - self.lower) * 0.5
 
     @staticmethod
     def from_center(center: torch.Tensor, radius: torch.Tensor) -> Interval:

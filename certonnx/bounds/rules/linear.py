@@ -28,6 +28,18 @@ def _ball_radius(itv: Interval, rownorm: torch.Tensor, center_out: torch.Tensor)
 class _WeightedRule(Rule):
     """Shared IBP for affine layers: centre through the layer, radius through |W|."""
 
+    _abs_cache: tuple[int, int, torch.Tensor] | None = None
+
+    def abs_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """|W|, cached while the weight is unchanged and no gradient is needed (certification)."""
+        if torch.is_grad_enabled() and w.requires_grad:
+            return w.abs()
+        key = (w.data_ptr(), w._version)
+        c = self._abs_cache
+        if c is None or (c[0], c[1]) != key:
+            self._abs_cache = (key[0], key[1], w.detach().abs())
+        return self._abs_cache[2]  # type: ignore[index]
+
     def weight_bias(self, vals: Sequence[Value]) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
@@ -45,7 +57,7 @@ class _WeightedRule(Rule):
         itv: Interval = vals[0]
         w, b = self.weight_bias(vals)
         c = self.apply(itv.center, w, b)
-        r = self.apply(itv.radius, w.abs(), None)
+        r = self.apply(itv.radius, self.abs_weight(w), None)
         out = Interval(c - r, c + r)
         if itv.ball is not None:
             center, _ = itv.ball
