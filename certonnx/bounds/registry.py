@@ -167,7 +167,7 @@ def support_table(module: nn.Module, sample_shape: Sequence[int] | None = None) 
 
     Nodes that do not depend on the input (weights, constants) need no rule and are skipped.
     """
-    from certonnx.bounds.engine import trace, perturbed_nodes
+    from certonnx.bounds.engine import perturbed_nodes, trace
 
     gm = trace(module)
     table: dict[str, dict[str, bool]] = {}

@@ -13,7 +13,6 @@ import json
 import platform
 import sys
 import time
-import tracemalloc
 from pathlib import Path
 
 import torch
@@ -150,7 +149,7 @@ def run(args: argparse.Namespace) -> dict:
         inset = InputSet(x, eps)
         row: dict = {}
         with torch.no_grad():
-            t_fwd, m_fwd = timeit(lambda: model(x), args.repeat, device)
+            t_fwd, m_fwd = timeit(lambda m=model, xx=x: m(xx), args.repeat, device)
         row["forward"] = {"seconds": t_fwd, "peak_bytes": m_fwd}
         for method in methods:
             b = batch
@@ -162,14 +161,14 @@ def run(args: argparse.Namespace) -> dict:
                 xi, Ci = x[:b], C[:b]
                 ins = InputSet(xi, eps)
             with torch.no_grad():
-                t, mem = timeit(lambda: bm.compute(ins, Ci, method, alpha_steps=20, upper=False),
+                t, mem = timeit(lambda b_=bm, i_=ins, c_=Ci, m_=method: b_.compute(i_, c_, m_, alpha_steps=20, upper=False),
                                 1 if b != batch else args.repeat, device)
             t_per = t * batch / b
             row[method] = {"seconds": t_per, "peak_bytes": mem, "ratio": t_per / t_fwd, "measured_batch": b}
             print(f"{name:9s} {method:12s} {t_per:8.4f}s  x{t_per / t_fwd:7.1f}  (batch {b})", flush=True)
         if name == "mlp6x256":
             with torch.no_grad():
-                t_ref, _ = timeit(lambda: dense_crown(model, x, eps, C), args.repeat, device)
+                t_ref, _ = timeit(lambda m=model, xx=x, e=eps, c=C: dense_crown(m, xx, e, c), args.repeat, device)
                 lb_ref = dense_crown(model, x, eps, C)
                 lb, _ = bm.compute(inset, C, "crown", upper=False)
             row["dense_crown_reference"] = {"seconds": t_ref, "engine_over_reference": row["crown"]["seconds"] / t_ref,

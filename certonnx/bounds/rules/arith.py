@@ -140,6 +140,8 @@ class BinaryArithRule(Rule):
             return None  # two branches: composed by the Lipschitz certificate, not per op
         a, b = self._operands(vals)
         c = b if self.pert == [0] else a
+        if norm == "l2" and tuple(self.in_shapes[0]) != tuple(self.out_shape):
+            return None  # broadcasting copies elements
         if self.op in ("Add", "Sub"):
             return 1.0
         cmax = float(torch.as_tensor(c).abs().max()) if self.op == "Mul" else float((1.0 / torch.as_tensor(c).abs()).max())

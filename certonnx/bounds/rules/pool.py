@@ -34,8 +34,15 @@ class AvgPoolRule(MonotoneLinearRule):
         if norm == "l2" and isinstance(m, nn.AvgPool2d):
             k, s = _pair(m.kernel_size), _pair(m.stride or m.kernel_size)
             mult = math.prod(math.ceil(a / b) for a, b in zip(k, s))
+            if any(_pair(m.padding)):
+                # Schur test: rows sum to 1, columns to at most mult (weights <= 1)
+                return math.sqrt(mult)
             return math.sqrt(mult) / math.sqrt(k[0] * k[1])
-        return 1.0  # an average of n values with unit L2 row norm 1/sqrt(n) <= 1 (non-overlapping)
+        if norm == "l2" and isinstance(m, (nn.AvgPool1d, nn.AvgPool3d)):
+            return None
+        # global / adaptive averages (disjoint windows): each row has L2 norm 1/sqrt(n) <= 1;
+        # any average is 1-Lipschitz for L∞
+        return 1.0
 
 
 @register

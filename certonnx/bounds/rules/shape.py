@@ -51,8 +51,14 @@ class ReshapeRule(Rule):
 
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
         shp = self.in_shapes[0]
-        f = (lambda A: None if A is None else A.reshape(*A.shape[:2], *shp))
+
+        def f(A: AMat) -> AMat:
+            return None if A is None else A.reshape(*A.shape[:2], *shp)
+
         return [(f(lA), f(uA))], 0.0, 0.0
+
+    def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
+        return 1.0
 
 
 @register
@@ -100,6 +106,17 @@ class IndexOpRule(MonotoneLinearRule):
         super().check(gm)
         if self.pert != [0]:
             raise UnsupportedOpError(self.label, self.node.name, "indices must not depend on the input")
+
+    def lipschitz(self, vals: Sequence[Value], norm: str) -> float | None:
+        # transposes, slices and zero/constant padding never copy an element; expand, gather and
+        # reflect/replicate padding may, which raises the L2 (not the L∞) constant
+        if norm == "linf" or self.label in ("Transpose", "Slice"):
+            return 1.0
+        if self.label == "Pad":
+            mode = getattr(self.module, "mode", None) or self.node.kwargs.get("mode", "constant")
+            if isinstance(self.module, (nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)) or mode == "constant":
+                return 1.0
+        return None
 
     def ibp(self, vals: Sequence[Value]) -> Interval:
         out = super().ibp(vals)
