@@ -259,19 +259,35 @@ class BoundedModule:
             shape = itv.lower.shape[1:]
             n = itv.lower[0].numel()
             B = itv.lower.shape[0]
+            lo_flat, hi_flat = itv.lower.reshape(B, n), itv.upper.reshape(B, n)
+            if self._only_relu_users(node):
+                # a ReLU whose input is stable (IBP) is exact; only unstable neurons (in any
+                # sample of the batch) need tighter bounds, which is most of CROWN's saving
+                idx = ((lo_flat < 0) & (hi_flat > 0)).any(0).nonzero().flatten()
+            else:
+                idx = torch.arange(n, device=lo_flat.device)
+            if idx.numel() == 0:
+                continue
             widest = max(r.lower[0].numel() for r in ctx.values.values() if isinstance(r, Interval))
             per_row = max(1, B * widest * itv.lower.element_size() * 4)
-            chunk = max(1, min(n, chunk_bytes // per_row))
+            chunk = max(1, min(idx.numel(), chunk_bytes // per_row))
             lows, ups = [], []
-            eye = torch.eye(n, device=itv.lower.device, dtype=itv.lower.dtype)
-            for s in range(0, n, chunk):
-                A = eye[s : s + chunk].reshape(-1, *shape).unsqueeze(0).expand(B, -1, *shape)
+            for s in range(0, idx.numel(), chunk):
+                rows = idx[s : s + chunk]
+                A = torch.zeros(rows.numel(), n, device=lo_flat.device, dtype=lo_flat.dtype)
+                A[torch.arange(rows.numel(), device=rows.device), rows] = 1.0
+                A = A.reshape(-1, *shape).unsqueeze(0).expand(B, -1, *shape)
                 lb, ub = self.backward(ctx, node, A, A)
                 lows.append(lb)
                 ups.append(ub)
-            lo = torch.cat(lows, 1).reshape(B, *shape)  # type: ignore[arg-type]
-            hi = torch.cat(ups, 1).reshape(B, *shape)  # type: ignore[arg-type]
-            ctx.values[node] = Interval(torch.maximum(lo, itv.lower), torch.minimum(hi, itv.upper))
+            new_lo, new_hi = lo_flat.clone(), hi_flat.clone()
+            new_lo[:, idx] = torch.maximum(torch.cat(lows, 1), lo_flat[:, idx])  # type: ignore[arg-type]
+            new_hi[:, idx] = torch.minimum(torch.cat(ups, 1), hi_flat[:, idx])  # type: ignore[arg-type]
+            ctx.values[node] = Interval(new_lo.reshape(B, *shape), new_hi.reshape(B, *shape))
+
+    def _only_relu_users(self, node: fx.Node) -> bool:
+        users = self.users.get(node, [])
+        return bool(users) and all(getattr(self.rules[u], "alpha_capable", False) for u in users)
 
     def _is_stop_for_ibp(self, node: fx.Node) -> bool:
         r = self.rules.get(node)
