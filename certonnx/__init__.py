@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -17,11 +18,11 @@ def load(path: str, **kwargs: Any) -> CertModel:
     return _load(path, **kwargs)
 
 
-def export(model: CertModel, path: str, certificate: dict[str, Any] | None = None, **kwargs: Any) -> None:
+def export(model: CertModel, path: str, certificate: dict[str, Any] | None = None, **kwargs: Any) -> Path:
     """Write ``model`` to ONNX with its certificate (see :func:`certonnx.io.export.export`)."""
     from certonnx.io.export import export as _export
 
-    _export(model, path, certificate=certificate, **kwargs)
+    return _export(model, path, certificate=certificate, **kwargs)
 
 
 __all__ = ["__version__", "load", "export"]

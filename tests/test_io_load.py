@@ -56,7 +56,7 @@ def test_fixture_list_complete() -> None:
     expected = {
         "mlp_ts.onnx", "mlp_dynamo.onnx", "cnn_ts.onnx", "cnn_dynamo.onnx", "cnn_norm_ts.onnx",
         "reshape_allowzero.onnx", "shape_chain.onnx", "external_data.onnx",
-        "mnist_mlp_trained.onnx", "mnist_cnn_trained.onnx",
+        "mnist_mlp_trained.onnx", "mnist_cnn_trained.onnx", "keras_cnn.onnx",
     }
     assert expected <= set(FIXTURES)
     total = sum(p.stat().st_size for p in FIX.iterdir() if p.is_file())
@@ -230,6 +230,42 @@ def test_fold_shape_chains_jax_export() -> None:
     src = P.convert_opset(onnx.load(str(path)))
     out = P.fold_shape_chains(P.constants_to_initializers(src))
     assert "Shape" not in [n.op_type for n in out.graph.node]
+
+
+def test_keras_tf2onnx_nhwc_cnn() -> None:
+    """tf2onnx output of a Keras CNN: the NHWC input stays NHWC, the Slice-based Flatten chain folds
+    to ``Reshape(0, -1)`` with a dynamic batch, the model still classifies MNIST (a wrong layout would
+    not), and the bound engine bounds it soundly."""
+    from certonnx.bounds import BoundedModule, InputSet
+
+    path = FIX / "keras_cnn.onnx"
+    src = onnx.load(str(path))
+    assert src.producer_name == "tf2onnx"
+    out = P.fold_shape_chains(P.constants_to_initializers(src))
+    ops = [n.op_type for n in out.graph.node]
+    assert not {"Shape", "Gather", "Slice", "Cast", "Concat"} & set(ops)
+    for b in (1, 5):
+        x = np.random.default_rng(b).random((b, 28, 28, 1)).astype(np.float32)
+        np.testing.assert_allclose(ort_run(out, x), ort_run(src, x), atol=1e-6)
+
+    m = load(path, n_parity=4)
+    assert m.sample_shape == (28, 28, 1) and m.num_classes == 10
+    assert m.onnx_ops["Transpose"] == 1 and m.onnx_ops["Slice"] == 1
+    d = np.load(FIX / "mnist_200.npz")
+    x = torch.from_numpy(d["x_test"].astype(np.float32) / 255.0)[..., None]
+    with torch.no_grad():
+        acc = (m.module(x).argmax(1).numpy() == d["y_test"]).mean()
+    assert acc >= 0.5  # 0.59 when generated; a transposed H/W layout drops to chance
+
+    bm = BoundedModule(m.module, m.sample_shape)
+    x0, eps = x[:4], 0.01
+    lb, ub = bm.compute(InputSet(x0, eps), None, "crown")
+    assert lb.shape == ub.shape == (4, 10) and bool((ub - lb).max() < 5.0)
+    g = torch.Generator().manual_seed(0)
+    pts = (x0[None] + (torch.rand(64, *x0.shape, generator=g) * 2 - 1) * eps).clamp(0.0, 1.0)
+    with torch.no_grad():
+        y = m.module(pts.reshape(-1, *m.sample_shape)).reshape(64, 4, 10)
+    assert bool((y >= lb.detach() - 1e-5).all() and (y <= ub.detach() + 1e-5).all())
 
 
 def test_make_batch_dynamic_rewrites_fixed_reshape() -> None:

@@ -1,10 +1,12 @@
 """Regenerate the ONNX test fixtures under ``tests/fixtures/``.
 
-Exporters (onnxscript for the dynamo exporter, skl2onnx, jax2onnx) are needed only here, never at
-test time: the ``.onnx`` outputs are committed. Run from the repository root::
+Exporters (onnxscript for the dynamo exporter, skl2onnx, jax2onnx, tensorflow + tf2onnx) are needed
+only here, never at test time: the ``.onnx`` outputs are committed. Run from the repository root::
 
     .venv/bin/python tools/make_fixtures.py            # everything (trains two small MNIST models, ~2 min)
     .venv/bin/python tools/make_fixtures.py --no-train # skip the trained MNIST models
+    .venv/bin/python tools/make_fixtures.py --only hand jax   # only some groups
+    /tmp/tfvenv/bin/python tools/make_fixtures.py --only keras  # keras_cnn.onnx, from a TensorFlow venv
 
 Every fixture is tiny (a few KB up to ~400 KB) so that the whole folder stays under ~4 MB.
 Models are seeded, so re-running gives the same weights (exporters may still change op layout
@@ -22,9 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
+
+try:
+    import torch
+    from torch import nn
+
+    _Module = nn.Module
+except ImportError:  # `--only keras` runs from a separate TensorFlow venv that has no torch
+    torch = nn = None  # type: ignore[assignment]
+    _Module = object  # type: ignore[assignment,misc]
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +43,7 @@ OUT = ROOT / "tests" / "fixtures"
 # --------------------------------------------------------------------------------------------
 # models
 # --------------------------------------------------------------------------------------------
-class MLP(nn.Module):
+class MLP(_Module):
     """784-32-16-10 MLP taking MNIST-shaped (B,1,28,28) images."""
 
     def __init__(self, hidden: tuple[int, ...] = (32, 16)) -> None:
@@ -50,7 +59,7 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-class CNN(nn.Module):
+class CNN(_Module):
     """Small CNN covering Conv, BatchNorm, ReLU, MaxPool, AvgPool, residual Add, Concat, Flatten,
     Linear."""
 
@@ -73,7 +82,7 @@ class CNN(nn.Module):
         return self.fc(torch.flatten(z, 1))
 
 
-class Normalized(nn.Module):
+class Normalized(_Module):
     """``(x - 0.1307) / 0.3081`` in front of a model: normalization inside the graph."""
 
     def __init__(self, inner: nn.Module, mean: float = 0.1307, std: float = 0.3081) -> None:
@@ -304,6 +313,60 @@ def make_jax(path: Path) -> bool:
     return True
 
 
+def make_keras(path: Path, data: Path = OUT / "mnist_200.npz", epochs: int = 5) -> bool:
+    """Keras CNN on NHWC ``(B, 28, 28, 1)`` inputs, exported with tf2onnx at opset 17.
+
+    Conv2D(8, 3, relu) -> MaxPooling2D -> Flatten -> Dense(32, relu) -> Dense(10) logits, seeded,
+    with random (non-zero) biases so that tf2onnx keeps the bias inputs/Adds, then trained a few
+    epochs on the 200 training images of ``mnist_200.npz``. tf2onnx turns the NHWC layout into a
+    Reshape/Transpose in front of the NCHW Conv and a Transpose back before the Flatten, and writes
+    the Flatten as a Shape -> Gather -> Cast -> Slice -> Concat -> Reshape chain. Keras 3 models do
+    not go through ``tf2onnx.convert.from_keras`` (KeyError on keras tensors), so the model is wrapped
+    in a ``tf.function`` and converted with ``from_function``; names (``Identity:0`` output,
+    ``unk__N`` batch dims) are kept as tf2onnx writes them."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        import keras
+        import tensorflow as tf
+        import tf2onnx
+    except ImportError as e:
+        print(f"  skip keras fixture: {e} (see tests/fixtures/README.md for the separate venv)")
+        return False
+    keras.utils.set_random_seed(0)
+    tf.config.experimental.enable_op_determinism()
+    bias = keras.initializers.RandomNormal(stddev=0.05, seed=1)
+    model = keras.Sequential([
+        keras.Input((28, 28, 1), name="input"),
+        keras.layers.Conv2D(8, 3, activation="relu", bias_initializer=bias),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(32, activation="relu", bias_initializer=bias),
+        keras.layers.Dense(10, bias_initializer=bias),
+    ])
+    d = np.load(data)
+    xtr = (d["x_train"].astype(np.float32) / 255.0)[..., None]
+    xte = (d["x_test"].astype(np.float32) / 255.0)[..., None]
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.fit(xtr, d["y_train"], batch_size=32, epochs=epochs, shuffle=True, verbose=0)
+    acc = float((model.predict(xte, verbose=0).argmax(1) == d["y_test"]).mean())
+    print(f"  keras CNN: accuracy {acc:.3f} on the 200 mnist_200 test images after {epochs} epochs")
+    spec = (tf.TensorSpec((None, 28, 28, 1), tf.float32, name="input"),)
+    fn = tf.function(lambda x: model(x, training=False), input_signature=spec)
+    m, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=17)
+    ref = model.predict(xte[:8], verbose=0)
+    try:  # parity against Keras itself when onnxruntime is around (it is not a tf2onnx dependency)
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        out = sess.run(None, {sess.get_inputs()[0].name: xte[:8]})[0]
+        print(f"  keras vs onnxruntime max abs diff: {float(np.abs(out - ref).max()):.2e}")
+    except ImportError:
+        pass
+    _save(m, path)
+    return True
+
+
 # --------------------------------------------------------------------------------------------
 # MNIST data and trained models
 # --------------------------------------------------------------------------------------------
@@ -351,52 +414,70 @@ def train(model: nn.Module, src: Path, epochs: int, seed: int = 0) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+GROUPS = ("torch", "hand", "sklearn", "jax", "keras", "mnist")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-train", action="store_true", help="skip the trained MNIST models")
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument(
+        "--only", nargs="+", choices=GROUPS, metavar="GROUP",
+        help=f"regenerate only these groups ({', '.join(GROUPS)}); e.g. `--only keras` from the TensorFlow "
+        "venv, which has no torch",
+    )
     args = ap.parse_args(argv)
+    groups = set(args.only or GROUPS)
+    if torch is None and groups & {"torch", "hand", "mnist"}:
+        ap.error("torch is not importable here: use the project venv, or --only keras/sklearn/jax")
     OUT.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
 
-    print("torch exporters")
-    mlp = MLP()
-    export_ts(mlp, OUT / "mlp_ts.onnx")
-    export_dynamo(mlp, OUT / "mlp_dynamo.onnx")
-    torch.manual_seed(1)
-    cnn = CNN()
-    _init_bn(cnn)
-    export_ts(cnn, OUT / "cnn_ts.onnx")
-    export_dynamo(cnn, OUT / "cnn_dynamo.onnx")
-    torch.manual_seed(2)
-    inner = CNN()
-    _init_bn(inner)
-    export_ts(Normalized(inner), OUT / "cnn_norm_ts.onnx")
+    if "torch" in groups:
+        print("torch exporters")
+        torch.manual_seed(0)
+        mlp = MLP()
+        export_ts(mlp, OUT / "mlp_ts.onnx")
+        export_dynamo(mlp, OUT / "mlp_dynamo.onnx")
+        torch.manual_seed(1)
+        cnn = CNN()
+        _init_bn(cnn)
+        export_ts(cnn, OUT / "cnn_ts.onnx")
+        export_dynamo(cnn, OUT / "cnn_dynamo.onnx")
+        torch.manual_seed(2)
+        inner = CNN()
+        _init_bn(inner)
+        export_ts(Normalized(inner), OUT / "cnn_norm_ts.onnx")
 
-    print("hand-built graphs")
-    make_reshape_allowzero(OUT / "reshape_allowzero.onnx")
-    make_shape_chain(OUT / "shape_chain.onnx")
-    make_external_data(OUT / "external_data.onnx")
+    if "hand" in groups:
+        print("hand-built graphs")
+        make_reshape_allowzero(OUT / "reshape_allowzero.onnx")
+        make_shape_chain(OUT / "shape_chain.onnx")
+        make_external_data(OUT / "external_data.onnx")
 
-    print("other frameworks")
-    make_sklearn(OUT / "sklearn_mlp_digits.onnx")
-    make_jax(OUT / "jax_mlp.onnx")
-    print("  keras/tf2onnx: skipped (tensorflow-cpu is a ~500 MB install that pins numpy/protobuf)")
+    if groups & {"sklearn", "jax", "keras"}:
+        print("other frameworks")
+    if "sklearn" in groups:
+        make_sklearn(OUT / "sklearn_mlp_digits.onnx")
+    if "jax" in groups:
+        make_jax(OUT / "jax_mlp.onnx")
+    if "keras" in groups:
+        make_keras(OUT / "keras_cnn.onnx")
 
-    src = find_mnist()
-    if src is None:
-        print("MNIST not found ($CERTONNX_DATA or ../shared/data): skipping mnist_200.npz and trained models")
-        return 0
-    print("MNIST")
-    make_mnist_200(src, OUT / "mnist_200.npz")
-    if not args.no_train:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-        for name, ctor in (("mnist_mlp_trained", trained_mlp), ("mnist_cnn_trained", trained_cnn)):
-            torch.manual_seed(0)
-            model = ctor()
-            acc = train(model, src, args.epochs)
-            print(f"  {name}: clean test accuracy {acc:.4f} after {args.epochs} epochs")
-            export_ts(model, OUT / f"{name}.onnx")
+    if "mnist" in groups:
+        src = find_mnist()
+        if src is None:
+            print("MNIST not found ($CERTONNX_DATA or ../shared/data): skipping mnist_200.npz and trained models")
+            return 0
+        print("MNIST")
+        make_mnist_200(src, OUT / "mnist_200.npz")
+        if not args.no_train:
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+            for name, ctor in (("mnist_mlp_trained", trained_mlp), ("mnist_cnn_trained", trained_cnn)):
+                torch.manual_seed(0)
+                model = ctor()
+                acc = train(model, src, args.epochs)
+                print(f"  {name}: clean test accuracy {acc:.4f} after {args.epochs} epochs")
+                export_ts(model, OUT / f"{name}.onnx")
     total = sum(p.stat().st_size for p in OUT.iterdir() if p.is_file())
     print(f"total fixtures: {total / 1024 / 1024:.2f} MB")
     return 0
