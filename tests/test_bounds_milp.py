@@ -33,7 +33,7 @@ def milp_gaps(seeds: range, eps: float = 0.15) -> dict[str, float]:
         for m in METHODS:
             lb, _ = bm.compute(inset, C, m, alpha_steps=30)
             assert (lb.double() <= exact + 1e-5).all(), f"{m} lower bound above the exact minimum (seed {seed})"
-            gaps[m].append(float((exact - lb.double()).mean()))
+            gaps[m].append(float((exact - lb.detach().double()).mean()))
     return {m: sum(v) / len(v) for m, v in gaps.items()}
 
 
