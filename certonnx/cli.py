@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("error: aborted", err=True)
         return 130
     except click.ClickException as e:
-        e.show()
+        # one line, like every other error; the usage text is one --help away
+        hint = f" (see '{e.ctx.command_path} --help')" if isinstance(e, click.UsageError) and e.ctx else ""
+        click.echo(f"error: {e.format_message().replace(chr(10), ' ')}{hint}", err=True)
         return e.exit_code if e.exit_code else 2
     except CertonnxError as e:
         if debug:

@@ -163,7 +163,15 @@ class BoundedModule:
                 continue
             r = self.rules.get(node)
             if r is not None and getattr(r, "needs_clean", False):
-                r.observe(env[r.leaves[0]])  # type: ignore[attr-defined]
+                xin = env[r.leaves[0]]
+                r.observe(xin)  # type: ignore[attr-defined]
+                # normalise with the batch statistics without touching the running statistics
+                # (the model's own forward pass already updated them for this batch)
+                vals = self._resolve(r, env)
+                scale, shift = r.scale_shift(vals)  # type: ignore[attr-defined]
+                shp = (-1, *([1] * (xin.ndim - 2)))  # type: ignore[union-attr]
+                env[node] = xin * scale.view(shp) + shift.view(shp)  # type: ignore[operator]
+                continue
             env[node] = self._const_value(node, env)
 
     def ibp_pass(self, inset: InputSet) -> _Ctx:
@@ -376,22 +384,27 @@ class BoundedModule:
         if not alphas or steps <= 0:
             return lb0
         best = lb0.detach().clone()
-        opt = torch.optim.Adam(list(alphas.values()), lr=lr)
         # intermediate bounds are constants here: detach them from the parameter graph
         values = {k: (Interval(v.lower.detach(), v.upper.detach()) if isinstance(v, Interval) else v)
                   for k, v in ctx.values.items()}
         dctx = _Ctx(values, ctx.inset)
-        for _ in range(steps):
+        params = list(alphas.values())
+        # a hand-written Adam: torch.optim's first use imports torch._dynamo (seconds), which
+        # would dominate one-shot verifier calls
+        m1 = [torch.zeros_like(a) for a in params]
+        m2 = [torch.zeros_like(a) for a in params]
+        b1, b2 = 0.9, 0.999
+        for t in range(1, steps + 1):
             with torch.enable_grad():
                 lb, _ = self.backward(dctx, self.output_node, C.detach(), None, alphas=alphas)
                 assert lb is not None
-                loss = -lb.sum()
-                opt.zero_grad()
-                loss.backward()
-            opt.step()
+                grads = torch.autograd.grad(-lb.sum(), params)
             with torch.no_grad():
-                for a in alphas.values():
-                    a.clamp_(0.0, 1.0)
+                for a, g, ma, va in zip(params, grads, m1, m2):
+                    ma.mul_(b1).add_(g, alpha=1 - b1)
+                    va.mul_(b2).addcmul_(g, g, value=1 - b2)
+                    step = lr * (ma / (1 - b1**t)) / ((va / (1 - b2**t)).sqrt() + 1e-8)
+                    a.sub_(step).clamp_(0.0, 1.0)
                 best = torch.maximum(best, lb.detach())
         with torch.no_grad():
             lb, _ = self.backward(dctx, self.output_node, C.detach(), None, alphas=alphas)

@@ -1,0 +1,1 @@
+"""Certification of datasets (``certify``) and of VNN-LIB properties (``verify``)."""

@@ -28,16 +28,18 @@ def _ball_radius(itv: Interval, rownorm: torch.Tensor, center_out: torch.Tensor)
 class _WeightedRule(Rule):
     """Shared IBP for affine layers: centre through the layer, radius through |W|."""
 
-    _abs_cache: tuple[int, int, torch.Tensor] | None = None
+    _abs_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     def abs_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """|W|, cached while the weight is unchanged and no gradient is needed (certification)."""
-        if torch.is_grad_enabled() and w.requires_grad:
+        """|W|, cached while the weight is unchanged and no gradient is needed (certification).
+
+        The cache holds the weight tensor itself (so its identity cannot be reused by another
+        tensor) and its version counter (bumped by every in-place update)."""
+        if (torch.is_grad_enabled() and w.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(w):
             return w.abs()
-        key = (w.data_ptr(), w._version)
         c = self._abs_cache
-        if c is None or (c[0], c[1]) != key:
-            self._abs_cache = (key[0], key[1], w.detach().abs())
+        if c is None or c[0] is not w or c[1] != w._version:
+            self._abs_cache = (w, w._version, w.detach().abs())
         return self._abs_cache[2]  # type: ignore[index]
 
     def weight_bias(self, vals: Sequence[Value]) -> tuple[torch.Tensor, torch.Tensor | None]:

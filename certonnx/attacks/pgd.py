@@ -1,0 +1,195 @@
+"""Projected gradient descent attacks: the cheap upper bound on robust accuracy.
+
+A sample the attack breaks is *falsified* (after an independent re-check in onnxruntime), so
+PGD both finds counterexamples and tells the user how far certified accuracy is from the best
+possible. The attack is batched over samples and restarts never loop in Python over samples.
+
+Objective ("property form"). A counterexample is an input where, for some disjunct ``d``, all
+rows ``A_d y <= b_d`` hold. The attack minimises
+
+    loss(x') = min_d max_rows (A_d f(x') - b_d)
+
+and has succeeded when ``loss <= 0``. Classification robustness is the special case with one
+single-row disjunct ``f_j - f_y <= 0`` per wrong class ``j``; with a margin matrix ``C`` (rows
+``e_y - e_j``) the loss is simply ``min_s (C f(x'))_s`` (the classification margin).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from certonnx.bounds.core import margin_matrix
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+__all__ = ["pgd_attack", "attack_loss", "property_tensors"]
+
+
+def property_tensors(
+    disjuncts: list[tuple[torch.Tensor, torch.Tensor]], batch: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a list of disjuncts ``(A (m_d, K), b (m_d,))`` into ``A (D, M, K)``, ``b (D, M)``.
+
+    Padding rows get ``A = 0, b = +1e9`` (never the max row), so the padded tensor has exactly
+    the meaning of the list. With ``batch`` the result is expanded to ``(B, D, M, K)``.
+    """
+    D = len(disjuncts)
+    M = max(int(a.shape[0]) for a, _ in disjuncts)
+    K = int(disjuncts[0][0].shape[1])
+    A = torch.zeros(D, M, K, dtype=torch.float32)
+    b = torch.full((D, M), 1e9, dtype=torch.float32)
+    for i, (a, bb) in enumerate(disjuncts):
+        A[i, : a.shape[0]] = torch.as_tensor(a, dtype=torch.float32)
+        b[i, : a.shape[0]] = torch.as_tensor(bb, dtype=torch.float32)
+    if batch is not None:
+        A = A.unsqueeze(0).expand(batch, *A.shape)
+        b = b.unsqueeze(0).expand(batch, *b.shape)
+    return A, b
+
+
+def attack_loss(
+    out: torch.Tensor,
+    y: torch.Tensor | None = None,
+    C: torch.Tensor | None = None,
+    spec: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Per-sample loss ``(B,)``; the attack succeeded where it is ``<= 0`` (``< 0`` for margins
+    means strictly misclassified; ties count as success only in the property form, as VNN-LIB
+    uses ``>=``)."""
+    out = out.flatten(1)
+    if spec is not None:
+        A, b = spec
+        if A.ndim == 3:
+            A, b = A.unsqueeze(0), b.unsqueeze(0)
+        v = torch.einsum("bdmk,bk->bdm", A.to(out.dtype), out) - b.to(out.dtype)
+        return v.amax(2).amin(1)
+    if C is None:
+        if y is None:
+            raise ValueError("pgd needs labels y, a margin matrix C or a property spec")
+        C = margin_matrix(y, out.shape[1])
+    if C.ndim == 2:
+        C = C.unsqueeze(0)
+    return torch.einsum("bsk,bk->bs", C.to(out.dtype), out).amin(1)
+
+
+def _view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (x.ndim - 1)))
+
+
+def pgd_attack(
+    fn: Fn,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    eps: float | torch.Tensor = 0.0,
+    norm: str = "linf",
+    domain: tuple[float, float] | tuple[torch.Tensor, torch.Tensor] | None = (0.0, 1.0),
+    steps: int = 20,
+    restarts: int = 1,
+    step_size: float | None = None,
+    C: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    spec: tuple[torch.Tensor, torch.Tensor] | None = None,
+    box: tuple[torch.Tensor, torch.Tensor] | None = None,
+    return_loss: bool = False,
+    random_init: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Search the set (norm ball of radius ``eps`` around ``x`` ∩ ``domain``, or an explicit
+    ``box``) for the input with the lowest attack loss; return it per sample.
+
+    Restarts 1.. start at a uniformly random point of the set (restart 0 starts at ``x``,
+    which matters for points that are already misclassified; ``random_init`` makes it random
+    too); the per-sample best over all
+    restarts and steps is kept. ``eps`` may be a ``(B,)`` tensor. With ``return_loss`` the
+    loss of the returned points ``(B,)`` is returned too.
+    """
+    norm = norm.lower()
+    if norm in ("inf", "l_inf", "linfty"):
+        norm = "linf"
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"unknown norm {norm!r}")
+    x = x.detach()
+    B = x.shape[0]
+    dev, dt = x.device, x.dtype
+    if box is not None:
+        lo = box[0].to(dev, dt).expand_as(x)
+        hi = box[1].to(dev, dt).expand_as(x)
+        norm = "box"
+        radius = (hi - lo) / 2
+        center = (hi + lo) / 2
+        alpha = (radius * (2.5 / max(steps, 1))) if step_size is None else radius * step_size
+    else:
+        e = torch.as_tensor(eps, dtype=dt, device=dev)
+        e = e.expand(B) if e.ndim == 0 else e
+        eb = _view(e, x)
+        if domain is not None:
+            dlo = torch.as_tensor(domain[0], dtype=dt, device=dev)
+            dhi = torch.as_tensor(domain[1], dtype=dt, device=dev)
+        if norm == "linf":
+            lo, hi = x - eb, x + eb
+            if domain is not None:
+                lo, hi = torch.maximum(lo, dlo), torch.minimum(hi, dhi)
+                lo, hi = torch.minimum(lo, x), torch.maximum(hi, x)
+        alpha = eb * (2.5 / max(steps, 1)) if step_size is None else eb * 0 + step_size
+
+    def project(z: torch.Tensor) -> torch.Tensor:
+        if norm in ("linf", "box"):
+            return torch.minimum(torch.maximum(z, lo), hi)
+        d = z - x
+        n = d.flatten(1).norm(dim=1).clamp_min(1e-12)
+        d = d * _view(torch.clamp(e / n, max=1.0), x)
+        z = x + d
+        if domain is not None:
+            # clamping towards the box moves every coordinate towards x (x is in the box), so the
+            # point stays in the ball: the result lies in ball ∩ domain
+            z = torch.minimum(torch.maximum(z, torch.minimum(dlo, x)), torch.maximum(dhi, x))
+        return z
+
+    def rand(*shape: int, normal: bool = False) -> torch.Tensor:
+        f = torch.randn if normal else torch.rand
+        return f(*shape, generator=generator, dtype=dt).to(dev)
+
+    def rand_start() -> torch.Tensor:
+        if norm in ("linf", "box"):
+            return lo + rand(*x.shape) * (hi - lo)
+        g = rand(*x.shape, normal=True)
+        g = g / _view(g.flatten(1).norm(dim=1).clamp_min(1e-12), x)
+        return project(x + g * _view(e * rand(B), x))
+
+    def loss_of(z: torch.Tensor) -> torch.Tensor:
+        return attack_loss(fn(z), y, C, spec)
+
+    start0 = center if box is not None else x
+    best_x = project(start0.clone())
+    with torch.no_grad():
+        best_l = loss_of(best_x)
+    for r in range(max(restarts, 1)):
+        z = project(start0.clone()) if r == 0 and not random_init else rand_start()
+        for _ in range(steps):
+            z = z.detach().requires_grad_(True)
+            with torch.enable_grad():
+                lz = loss_of(z)
+                (g,) = torch.autograd.grad(lz.sum(), z)
+            lz = lz.detach()
+            better = lz < best_l
+            if bool(better.any()):
+                best_l = torch.where(better, lz, best_l)
+                best_x = torch.where(_view(better, x), z.detach(), best_x)
+            with torch.no_grad():
+                if norm in ("linf", "box"):
+                    z = z - alpha * g.sign()
+                else:
+                    gn = g / _view(g.flatten(1).norm(dim=1).clamp_min(1e-12), x)
+                    z = z - alpha * gn
+                z = project(z)
+        with torch.no_grad():
+            lz = loss_of(z)
+            better = lz < best_l
+            best_l = torch.where(better, lz, best_l)
+            best_x = torch.where(_view(better, x), z, best_x)
+    best_x = best_x.detach()
+    if return_loss:
+        return best_x, best_l
+    return best_x

@@ -1,0 +1,302 @@
+"""Dataset certification: clean accuracy, PGD accuracy and certified accuracy per norm.
+
+Per norm and sample the status is one of
+
+* ``verified``: sound bounds prove every margin positive on the whole set (ball ∩ domain);
+* ``falsified``: a point of the set is misclassified (PGD or the clean point itself), and
+  onnxruntime on the ORIGINAL file agrees;
+* ``unknown``: neither (including PGD hits that onnxruntime does not confirm, counted in
+  ``ort_disagreements``).
+
+``method="auto"`` runs the cascade ibp -> crown-ibp -> crown -> alpha-crown and sends only the
+samples still unknown to the next (more expensive) method, batched by masking. The invariant
+certified <= pgd accuracy <= clean accuracy holds by construction, and a sample that is both
+verified and broken by PGD raises an internal error (a bug, never reported as verified).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from certonnx.attacks.pgd import pgd_attack
+from certonnx.bounds import METHODS, BoundedModule, InputSet, margin_matrix
+from certonnx.certify.ort_check import OrtRunner, margin_violated
+
+AUTO_CASCADE = ("ibp", "crown-ibp", "crown", "alpha-crown")
+STATUSES = ("verified", "falsified", "unknown")
+
+
+class SoundnessError(RuntimeError):
+    """A sample was both verified and broken by an attack: a bug in certonnx, never a result."""
+
+
+def parse_norms(text: str) -> dict[str, float]:
+    """``'linf:0.1,l2:0.5'`` -> ``{'linf': 0.1, 'l2': 0.5}`` (also ``inf``, ``Linf``, ``L2``).
+
+    Raises ValueError with a one-line message on anything else.
+    """
+    out: dict[str, float] = {}
+    if not text or not text.strip():
+        raise ValueError("expected NORM:EPS[,NORM:EPS], e.g. linf:0.1,l2:0.5")
+    for part in text.split(","):
+        part = part.strip()
+        if ":" not in part:
+            raise ValueError(f"{part!r}: expected NORM:EPS, e.g. linf:0.1")
+        name, val = (s.strip() for s in part.split(":", 1))
+        norm = canonical_norm(name)
+        try:
+            eps = float(val)
+        except ValueError:
+            raise ValueError(f"{part!r}: epsilon {val!r} is not a number") from None
+        if not np.isfinite(eps) or eps < 0:
+            raise ValueError(f"{part!r}: epsilon must be a finite number >= 0")
+        if norm in out:
+            raise ValueError(f"norm {norm} given twice")
+        out[norm] = eps
+    return out
+
+
+def canonical_norm(name: str) -> str:
+    n = name.strip().lower().replace("_", "").replace("-", "")
+    if n in ("linf", "inf", "linfty", "infinity", "l∞"):
+        return "linf"
+    if n in ("l2", "2"):
+        return "l2"
+    raise ValueError(f"unknown norm {name!r} (use linf or l2)")
+
+
+def _batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _predict(module: torch.nn.Module, x: torch.Tensor, batch_size: int, dev: torch.device) -> torch.Tensor:
+    outs = []
+    with torch.no_grad():
+        for sl in _batches(x.shape[0], batch_size):
+            outs.append(module(x[sl].to(dev)).flatten(1).cpu())
+    return torch.cat(outs)
+
+
+def certify_dataset(
+    model: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norms: dict[str, float],
+    method: str = "auto",
+    *,
+    batch_size: int = 128,
+    pgd_steps: int = 20,
+    pgd_restarts: int = 1,
+    device: str | torch.device = "cpu",
+    progress: bool | Callable[[int], None] = True,
+    onnx_path: str | os.PathLike[str] | None = None,
+    max_memory: int | None = None,
+    alpha_steps: int = 20,
+    seed: int = 0,
+    per_sample: bool = False,
+) -> dict[str, Any]:
+    """Certify ``x, y`` (raw inputs, labels) for every ``{norm: eps}``; see the module docstring.
+
+    ``progress``: True for a rich progress bar on stderr, False for none, or a callable that
+    receives the number of samples finished since the last call.
+    """
+    t0 = time.monotonic()
+    method = method.lower().replace("_", "-")
+    if method != "auto" and method not in METHODS:
+        raise ValueError(f"unknown method {method!r}")
+    cascade = AUTO_CASCADE if method == "auto" else (method,)
+    dev = torch.device(device)
+    module = model.module if hasattr(model, "module") else model
+    sample_shape = tuple(model.sample_shape) if hasattr(model, "sample_shape") else tuple(x.shape[1:])
+    domain = tuple(model.domain) if hasattr(model, "domain") else (0.0, 1.0)
+    was_training = module.training
+    module.eval()
+    module.to(dev)
+    n = int(x.shape[0])
+    gen = torch.Generator().manual_seed(seed)
+    bm = BoundedModule(module, sample_shape)
+
+    checker: Callable[[np.ndarray], np.ndarray]
+    if onnx_path is not None:
+        norm_obj = getattr(model, "normalization", None)
+        outside = norm_obj is not None and not norm_obj.inside
+        checker = OrtRunner(onnx_path, norm_obj.mean if outside else None, norm_obj.std if outside else None)
+        check_engine = "onnxruntime"
+    else:
+
+        def checker(a: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return module(torch.as_tensor(a, device=dev)).flatten(1).double().cpu().numpy()
+
+        check_engine = "torch (no ONNX file given)"
+
+    bar, tick = _progress(progress, n * max(len(norms), 1))
+    try:
+        logits = _predict(module, x, batch_size, dev)
+        K = logits.shape[1]
+        pred = logits.argmax(1)
+        correct = pred == y
+        ort_disagree = 0
+        per_norm: dict[str, dict[str, Any]] = {}
+        mem_warnings: list[str] = []
+        params_req = [p for p in module.parameters() if p.requires_grad]
+        for p in params_req:
+            p.requires_grad_(False)
+        try:
+            for norm, eps in norms.items():
+                status = np.full(n, "unknown", dtype=object)
+                broken = ~correct.clone()  # torch says: a point of the set is misclassified
+                verified = torch.zeros(n, dtype=torch.bool)
+                counts = {m: 0 for m in cascade}
+                adv_all = x.clone()
+                for sl in _batches(n, batch_size):
+                    xb, yb = x[sl].to(dev), y[sl].to(dev)
+                    cb = correct[sl].to(dev)
+                    # 1. attack the correctly classified samples
+                    if eps > 0 and bool(cb.any()):
+                        idx = torch.nonzero(cb).flatten()
+                        adv = pgd_attack(module, xb[idx], yb[idx], eps, norm, domain, steps=pgd_steps,
+                                         restarts=pgd_restarts, generator=gen)
+                        with torch.no_grad():
+                            hit = module(adv).flatten(1).argmax(1) != yb[idx]
+                        b_sl = broken[sl].clone()
+                        b_sl[idx.cpu()] = hit.cpu()
+                        broken[sl] = b_sl
+                        a_sl = adv_all[sl].clone()
+                        a_sl[idx.cpu()] = adv.cpu()
+                        adv_all[sl] = a_sl
+                    # 2. bounds: first method on every correct sample (cross-checks the attack),
+                    #    later methods only on those still open
+                    todo = cb.clone().cpu()
+                    for k, meth in enumerate(cascade):
+                        if k > 0:
+                            todo = todo & ~broken[sl] & ~verified[sl]
+                        if not bool(todo.any()):
+                            break
+                        idx = torch.nonzero(todo).flatten()
+                        ok, used = _bound_verified(bm, xb[idx.to(dev)], yb[idx.to(dev)], eps, norm, domain, K,
+                                                   meth, max_memory, alpha_steps, mem_warnings)
+                        v_sl = verified[sl].clone()
+                        newly = ok.cpu() & ~v_sl[idx]
+                        counts[meth] += int(newly.sum())
+                        v_sl[idx] = v_sl[idx] | ok.cpu()
+                        verified[sl] = v_sl
+                    tick(sl.stop - sl.start)
+                clash = verified & broken
+                if bool(clash.any()):
+                    i = int(torch.nonzero(clash)[0])
+                    raise SoundnessError(
+                        f"internal error: sample {i} is verified for {norm} eps={eps} but an attack/the clean "
+                        "point breaks it; this is a certonnx bug, no result is reported"
+                    )
+                # 3. re-check every torch counterexample on the original file
+                cand = torch.nonzero(broken).flatten()
+                confirmed = torch.zeros(n, dtype=torch.bool)
+                if cand.numel():
+                    pts = adv_all[cand].cpu().numpy().astype(np.float32)
+                    out = checker(pts)
+                    ok_ort = torch.as_tensor(margin_violated(out, y[cand].numpy()))
+                    confirmed[cand] = ok_ort
+                    ort_disagree += int((~ok_ort).sum())
+                status[verified.numpy()] = "verified"
+                status[confirmed.numpy()] = "falsified"
+                per_norm[norm] = {
+                    "status": status,
+                    "verified": verified,
+                    "broken": broken,
+                    "counts": counts,
+                    "ort_disagreements": int(cand.numel() - int(confirmed.sum())),
+                }
+        finally:
+            for p in params_req:
+                p.requires_grad_(True)
+    finally:
+        if bar is not None:
+            bar.stop()
+        module.train(was_training)
+
+    clean = float(correct.double().mean()) if n else 0.0
+    res: dict[str, Any] = {
+        "n": n,
+        "clean_accuracy": clean,
+        "pgd_accuracy": {k: float((correct & ~v["broken"]).double().mean()) for k, v in per_norm.items()},
+        "certified_accuracy": {k: float(v["verified"].double().mean()) for k, v in per_norm.items()},
+        "union_certified_accuracy": float(
+            torch.stack([v["verified"] for v in per_norm.values()]).all(0).double().mean()
+        ) if per_norm else 0.0,
+        "epsilon": {k: float(e) for k, e in norms.items()},
+        "input_space": _input_space(model),
+        "method": method,
+        "seconds": round(time.monotonic() - t0, 3),
+        "per_method": {k: v["counts"] for k, v in per_norm.items()},
+        "status_counts": {
+            k: {s: int((v["status"] == s).sum()) for s in STATUSES} for k, v in per_norm.items()
+        },
+        "ort_disagreements": {k: v["ort_disagreements"] for k, v in per_norm.items()},
+        "falsification_check": check_engine,
+        "pgd": {"steps": pgd_steps, "restarts": pgd_restarts, "seed": seed},
+    }
+    if mem_warnings:
+        res["warnings"] = sorted(set(mem_warnings))
+    for k in res["certified_accuracy"]:
+        c, p_acc = res["certified_accuracy"][k], res["pgd_accuracy"][k]
+        if not (c <= p_acc + 1e-12 and p_acc <= clean + 1e-12):
+            raise SoundnessError(f"internal error: certified {c} > pgd {p_acc} or pgd > clean {clean} for {k}")
+    if per_sample:
+        res["per_sample"] = {k: [str(s) for s in v["status"]] for k, v in per_norm.items()}
+        res["per_sample"]["correct"] = [bool(c) for c in correct]
+    return res
+
+
+def _input_space(model: Any) -> dict[str, Any]:
+    if hasattr(model, "input_space"):
+        return model.input_space()
+    return {"domain": [0.0, 1.0], "normalization": None, "description": "raw inputs in [0, 1]"}
+
+
+def _bound_verified(
+    bm: BoundedModule,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    norm: str,
+    domain: tuple[float, float],
+    K: int,
+    method: str,
+    max_memory: int | None,
+    alpha_steps: int,
+    warn_log: list[str],
+) -> tuple[torch.Tensor, str]:
+    """Verified mask for one batch; falls back to cheaper methods (warning) over the budget."""
+    used = method
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = InputSet(x, eps, norm=norm, domain=domain)
+        C = margin_matrix(y, K)
+        with torch.no_grad():
+            lb, _ = bm.compute(s, C=C, method=method, upper=False, alpha_steps=alpha_steps, max_memory=max_memory)
+    for w in caught:
+        warn_log.append(str(w.message))
+    return lb.detach().amin(1) > 0, used
+
+
+def _progress(progress: bool | Callable[[int], None], total: int):  # type: ignore[no-untyped-def]
+    if callable(progress):
+        return None, progress
+    if not progress:
+        return None, lambda k: None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("certifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True), transient=True)
+    task = bar.add_task("certify", total=total)
+    bar.start()
+    return bar, lambda k: bar.advance(task, k)

@@ -1,0 +1,205 @@
+"""Dataset loading for ``certify`` and ``finetune``: one ``.npz`` file, checked thoroughly.
+
+Bad data is the most common reason for meaningless certificates (pixels in [0, 255] while ε is
+meant for [0, 1], labels shifted by one, NHWC fed as NCHW), so every such problem is a
+:class:`DataError` with one clear line instead of a silently wrong number.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from certonnx.errors import DataError
+from certonnx.utils import sha256_arrays
+
+__all__ = ["load_npz", "find_data", "data_dir", "check_against_model", "normalize_arrays"]
+
+
+def data_dir() -> Path | None:
+    """``$CERTONNX_DATA`` when set, else ``<repo>/../shared/data`` when it exists."""
+    env = os.environ.get("CERTONNX_DATA")
+    if env:
+        return Path(env)
+    p = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return p if p.is_dir() else None
+
+
+def find_data(name: str) -> Path | None:
+    """Path of a shared data file (``mnist.npz``, ``vnncomp/...``), or None when absent."""
+    d = data_dir()
+    if d is None:
+        return None
+    p = d / name
+    return p if p.exists() else None
+
+
+def _pick_keys(keys: Sequence[str], split: str) -> tuple[str, str]:
+    """``x_<split>``/``y_<split>`` first, plain ``x``/``y`` as a fallback."""
+    for kx, ky in ((f"x_{split}", f"y_{split}"), ("x", "y"), ("X", "Y"), ("images", "labels")):
+        if kx in keys and ky in keys:
+            return kx, ky
+    raise DataError(
+        f"no arrays for split {split!r}: expected keys x_{split}/y_{split} (or x/y); "
+        f"the file has {sorted(keys) or 'no arrays'}"
+    )
+
+
+def _layout(x: np.ndarray) -> tuple[np.ndarray, str]:
+    """Bring images to NCHW (the ONNX convention); report which layout was found."""
+    if x.ndim == 1:
+        raise DataError(f"x must have a sample dimension and features, got shape {x.shape}")
+    if x.ndim == 2:
+        return x, "NF (flat features)"
+    if x.ndim == 3:
+        return x[:, None], "NHW (grayscale, channel added)"
+    if x.ndim == 4:
+        c_last, c_first = x.shape[3], x.shape[1]
+        if c_last in (1, 3, 4) and c_first not in (1, 3, 4):
+            return np.transpose(x, (0, 3, 1, 2)), "NHWC (converted to NCHW)"
+        return x, "NCHW"
+    return x, f"N + {x.ndim - 1} dims"
+
+
+def load_npz(
+    path: str | os.PathLike[str],
+    split: str = "test",
+    n: int | None = None,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    allow_unnormalized: bool = False,
+    num_classes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Load ``n`` first samples of one split as ``x`` float32 NCHW in [0, 1] and ``y`` int64.
+
+    uint8 pixels are divided by 255. Float data must already lie in [0, 1] (the space ε is
+    measured in) unless ``allow_unnormalized``. ``mean``/``std`` are *not* applied here (the
+    model gets them prepended so ε stays in pixel space); they are only recorded in ``info``.
+    Only the selected split is read, and only its first ``n`` samples are converted.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data file not found: {p}")
+    if not p.is_file():
+        raise DataError(f"data path is not a file: {p}")
+    try:
+        npz = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{p} is not a readable .npz file ({type(e).__name__}: {e})") from e
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise DataError(f"{p} is a single .npy array, not an .npz archive with x/y arrays")
+    with npz:
+        kx, ky = _pick_keys(list(npz.files), split)
+        try:
+            xa, ya = npz[kx], npz[ky]
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+            raise DataError(f"cannot read arrays {kx}/{ky} from {p}: {e}") from e
+    if n is not None:
+        if n <= 0:
+            raise DataError(f"--n must be positive, got {n}")
+        xa, ya = xa[:n], ya[:n]
+    return _convert(xa, ya, kx, ky, p, allow_unnormalized, num_classes, mean, std)
+
+
+def _convert(
+    xa: np.ndarray,
+    ya: np.ndarray,
+    kx: str,
+    ky: str,
+    p: Path,
+    allow_unnormalized: bool,
+    num_classes: int | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    if xa.dtype.kind not in "uifb":
+        raise DataError(f"{kx} has dtype {xa.dtype}; expected uint8 pixels or floats")
+    if ya.dtype.kind not in "uifb":
+        raise DataError(f"{ky} has dtype {ya.dtype}; expected integer class labels")
+    ya = ya.reshape(-1) if ya.ndim == 2 and ya.shape[1] == 1 else ya
+    if ya.ndim != 1:
+        raise DataError(f"{ky} must be a vector of class labels, got shape {ya.shape} (one-hot labels?)")
+    if xa.shape[0] != ya.shape[0]:
+        raise DataError(f"{kx} has {xa.shape[0]} samples but {ky} has {ya.shape[0]} labels")
+    if xa.shape[0] == 0:
+        raise DataError(f"{kx} is empty")
+    sha = sha256_arrays(xa, ya)
+    if ya.dtype.kind == "f":
+        if not np.all(np.isfinite(ya)) or np.any(ya != np.round(ya)):
+            raise DataError(f"{ky} holds non-integer labels")
+    if np.any(ya < 0):
+        raise DataError(f"{ky} holds negative labels (min {ya.min()})")
+    if num_classes is not None and np.any(ya >= num_classes):
+        raise DataError(f"{ky} holds label {int(ya.max())} but the model has {num_classes} classes")
+    if xa.dtype == np.uint8:
+        x = xa.astype(np.float32) / 255.0
+        scale = "uint8 / 255"
+    elif xa.dtype.kind in "ui":
+        mx = int(xa.max())
+        if mx > 255 or xa.min() < 0:
+            raise DataError(f"{kx} holds integers outside [0, 255] (max {mx})")
+        x = xa.astype(np.float32) / 255.0
+        scale = f"{xa.dtype} / 255"
+    else:
+        x = xa.astype(np.float32)
+        if not np.all(np.isfinite(x)):
+            raise DataError(f"{kx} contains NaN or infinite values")
+        lo, hi = float(x.min()), float(x.max())
+        if (lo < -1e-6 or hi > 1 + 1e-6) and not allow_unnormalized:
+            hint = " (looks like 0..255 pixels: divide by 255 or store uint8)" if hi > 1.5 and lo >= 0 else ""
+            hint = hint or " (looks already normalized: store raw pixels and pass --mean/--std)"
+            raise DataError(f"{kx} values lie in [{lo:.3g}, {hi:.3g}], expected [0, 1]{hint}")
+        scale = "float (as stored)"
+    x, layout = _layout(x)
+    info: dict[str, Any] = {
+        "path": str(p),
+        "keys": [kx, ky],
+        "n": int(x.shape[0]),
+        "dtype": str(xa.dtype),
+        "scale": scale,
+        "layout": layout,
+        "sample_shape": list(x.shape[1:]),
+        "sha256": sha,
+        "num_labels": int(ya.max()) + 1,
+    }
+    if mean is not None or std is not None:
+        info["normalization"] = {"mean": list(mean or []), "std": list(std or [])}
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(ya.astype(np.int64)), info
+
+
+def check_against_model(x: torch.Tensor, sample_shape: Sequence[int]) -> tuple[torch.Tensor, str]:
+    """Fit the data to the model's per-sample input shape, or say clearly why not.
+
+    Same number of values per sample (e.g. 28x28 images for a ``(784,)`` or ``(784, 1)``
+    MLP input, or NHWC data with a layout the heuristic could not tell): reshape in C order and
+    say so. Anything else is a DataError naming both shapes.
+    """
+    want = tuple(int(d) for d in sample_shape)
+    have = tuple(x.shape[1:])
+    if have == want:
+        return x, ""
+    n_have = int(np.prod(have)) if have else 1
+    n_want = int(np.prod(want)) if want else 1
+    if n_have == n_want:
+        return x.reshape(x.shape[0], *want), f"data samples {list(have)} reshaped to the model input {list(want)}"
+    raise DataError(
+        f"data samples have shape {list(have)} ({n_have} values) but the model expects {list(want)} "
+        f"({n_want} values)"
+    )
+
+
+def normalize_arrays(
+    x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:  # pragma: no cover - convenience for scripts
+    """``(x - mean) / std`` per channel (dim 1)."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    m = torch.as_tensor(list(mean), dtype=x.dtype).view(shape)
+    s = torch.as_tensor(list(std), dtype=x.dtype).view(shape)
+    return (x - m) / s
