@@ -86,7 +86,7 @@ def _eps_max(value: str | None, norms: dict[str, float]) -> dict[str, float]:
 @click.option("--n", "n", type=click.IntRange(min=1), default=None, help="Use the first N samples only.")
 @click.option("--norm", "norms", required=True, callback=_norms, metavar="NORM:EPS[,NORM:EPS]",
               help="Perturbation radii in raw input space, e.g. linf:0.1,l2:0.5 (norms: linf/inf, l2).")
-@click.option("--method", type=click.Choice(["auto", "ibp", "crown-ibp", "crown", "alpha-crown"],
+@click.option("--method", type=click.Choice(["auto", "ibp", "crown-ibp", "crown", "alpha-crown", "lipschitz"],
               case_sensitive=False), default="auto", show_default=True,
               help="Bound method; auto = ibp -> crown-ibp -> crown -> alpha-crown, each only on samples still open.")
 @click.option("--json", "json_out", default=None, metavar="OUT",
@@ -174,14 +174,40 @@ def command(model: str, data: str, split: str, n: int | None, norms: dict[str, f
 
     from certonnx.certify.core import certify_dataset
 
-    res = certify_dataset(cm, x, y, norms, method.lower(), batch_size=batch_size, pgd_steps=pgd_steps,
-                          pgd_restarts=pgd_restarts, device=dev, progress=True, onnx_path=model,
-                          max_memory=max_memory, seed=seed)
+    if method.lower() == "lipschitz":
+        # margin / (Lipschitz constant): cheap and sound, usually loose except for Lipschitz-trained models
+        from certonnx.certify.lipschitz_cert import certify_lipschitz
+
+        res = certify_lipschitz(cm, x, y, norms, batch_size=batch_size, pgd_steps=pgd_steps,
+                                pgd_restarts=pgd_restarts, device=dev, seed=seed, onnx_path=model)
+    else:
+        res = certify_dataset(cm, x, y, norms, method.lower(), batch_size=batch_size, pgd_steps=pgd_steps,
+                              pgd_restarts=pgd_restarts, device=dev, progress=True, onnx_path=model,
+                              max_memory=max_memory, seed=seed)
     res["data"] = {"path": str(data), "split": split, "sha256": info["sha256"], "layout": info["layout"],
                    "scale": info["scale"], **({"reshaped": note} if note else {})}
     res["model"] = str(model)
 
-    if radius:
+    if radius and method.lower() == "lipschitz":
+        from certonnx.bounds import BoundedModule
+        from certonnx.certify.lipschitz_cert import lipschitz_radii
+        from certonnx.certify.radius import radius_summary
+
+        bm = BoundedModule(cm.module, cm.sample_shape)
+        res["radius"] = {"method": "lipschitz"}
+        with torch.no_grad():
+            correct = torch.cat([cm.module(x[i:i + batch_size].to(dev)).flatten(1).argmax(1).cpu()
+                                 for i in range(0, x.shape[0], batch_size)]) == y
+        for norm in norms:
+            r = lipschitz_radii(bm, x, y, norm, batch_size=batch_size, device=dev)
+            res["radius"][norm] = {"eps_max": eps_max_d[norm],
+                                   **radius_summary(r.clamp(max=eps_max_d[norm]), eps_max_d[norm], correct=correct)}
+        if plot is not None:
+            from certonnx.certify.radius import plot_curves
+
+            plot_curves({k: (v["curve"]["eps"], v["curve"]["accuracy"]) for k, v in res["radius"].items()
+                         if isinstance(v, dict)}, plot, title=f"certified accuracy (Lipschitz): {Path(model).name}")
+    elif radius:
         from certonnx.bounds import BoundedModule
         from certonnx.certify.radius import certified_radius, plot_curves, radius_summary
 
