@@ -38,27 +38,33 @@ def certified_radius(
     domain: tuple[float, float] = (0.0, 1.0),
     batch_size: int = 256,
     num_classes: int | None = None,
+    correct: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample certified radius ``(N,)`` by bisection on ``[0, eps_max]``.
+    """Per-sample certified radius ``(N,)`` (on the device of ``x``) by bisection on ``[0, eps_max]``.
 
-    ``method="auto"`` uses CROWN. Resolution is ``eps_max / 2**iters``.
+    ``method="auto"`` uses CROWN. Resolution is ``eps_max / 2**iters``. ``correct`` (N,) bool:
+    which samples the model classifies correctly, when the caller already knows (training:
+    from the clean logits, sparing a forward pass that would update BatchNorm statistics).
     """
     if method == "auto":
         method = "crown"
-    out = torch.zeros(x.shape[0])
+    out = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     with torch.no_grad():
         K = num_classes or int(bm(x[:1]).flatten(1).shape[1])
     for start in range(0, x.shape[0], batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
         B = xb.shape[0]
-        with torch.no_grad():
-            correct = bm(xb).flatten(1).argmax(1) == yb
-        lo = torch.zeros(B, dtype=xb.dtype)
-        hi = torch.full((B,), float(eps_max), dtype=xb.dtype)
+        if correct is None:
+            with torch.no_grad():
+                ok_b = bm(xb).flatten(1).argmax(1) == yb
+        else:
+            ok_b = correct[start:start + B].to(xb.device)
+        lo = torch.zeros(B, dtype=xb.dtype, device=xb.device)
+        hi = torch.full((B,), float(eps_max), dtype=xb.dtype, device=xb.device)
         # samples verified at eps_max are done at once
-        top = _verified(bm, xb, yb, hi, norm, method, domain, K) & correct
+        top = _verified(bm, xb, yb, hi, norm, method, domain, K) & ok_b
         lo = torch.where(top, hi, lo)
-        active = correct & ~top
+        active = ok_b & ~top
         for _ in range(iters):
             if not bool(active.any()):
                 break
@@ -67,7 +73,7 @@ def certified_radius(
             ok = _verified(bm, xb[idx], yb[idx], mid, norm, method, domain, K)
             lo[idx] = torch.where(ok, mid, lo[idx])
             hi[idx] = torch.where(ok, hi[idx], mid)
-        out[start:start + B] = torch.where(correct, lo, torch.zeros_like(lo))
+        out[start:start + B] = torch.where(ok_b, lo, torch.zeros_like(lo))
     return out
 
 
