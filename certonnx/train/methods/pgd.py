@@ -1,0 +1,23 @@
+"""PGD adversarial training (Madry et al. 2018): cross-entropy on a PGD point of the ε-ball
+(L∞ or L2). Empirically robust, rarely certifiable with cheap bounds; a baseline."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from certonnx.train.methods.base import Method, accuracy, attack
+
+
+class PGD(Method):
+    name = "pgd"
+    certified = False
+    needs_bounds = False
+
+    def loss(self, model_fn, bm, x, y, eps, norm, ctx):  # type: ignore[no-untyped-def]
+        x_adv = attack(model_fn, x, y, eps, norm, ctx)
+        with torch.no_grad():
+            with_clean = model_fn(x).flatten(1)
+        out = model_fn(x_adv).flatten(1)
+        return F.cross_entropy(out, y), {"clean_acc": accuracy(with_clean, y), "cert_acc": None,
+                                         "adv_acc": accuracy(out, y)}

@@ -1,0 +1,105 @@
+"""``certonnx finetune`` end to end: fine-tune a fixture model, certify, export with certificate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from certonnx.utils import sha256_file
+from tests.train_util import write_npz
+
+FIX = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _run(monkeypatch: pytest.MonkeyPatch, cwd: Path, *args: str) -> int:
+    from certonnx.cli import main
+
+    monkeypatch.chdir(cwd)
+    return main(list(args))
+
+
+def _ort_certificate(path: Path) -> dict:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert "certonnx.version" in meta
+    return json.loads(meta["certonnx.certificate"])
+
+
+def test_finetune_fixture_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    model, data = FIX / "mnist_mlp_trained.onnx", FIX / "mnist_200.npz"
+    if not model.exists() or not data.exists():
+        pytest.skip("fixtures mnist_mlp_trained.onnx / mnist_200.npz not present (tools/make_fixtures.py)")
+    before = sha256_file(model)
+    rc = _run(monkeypatch, tmp_path, "finetune", str(model), "--data", str(data), "--norm", "linf:0.02",
+              "--method", "ibp", "--epochs", "2", "--n-train", "64", "--batch-size", "32", "--eval-n", "20",
+              "--eval-method", "ibp", "-o", "ft.onnx", "--json", "res.json", "--log-json", "log.json")
+    assert rc == 0, capsys.readouterr().err
+    assert sha256_file(model) == before  # the input is never written
+    res = json.loads((tmp_path / "res.json").read_text())
+    cert = _ort_certificate(tmp_path / "ft.onnx")
+    ev = res["evaluation"]
+    assert cert["n"] == ev["n"] == 20
+    assert cert["norms"] == {"linf": 0.02}
+    assert cert["certified_accuracy"]["linf"] == pytest.approx(ev["certified_accuracy"]["linf"])
+    assert cert["clean_accuracy"] == pytest.approx(ev["clean_accuracy"])
+    assert cert["clean_accuracy"] >= 0.5  # fine-tuning a trained model at a small ε keeps it accurate
+    assert cert["extra"]["training"]["method"] == "ibp"
+    assert cert["weights_sha256"]
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert [e["epoch"] for e in log] == [1, 2]
+    assert set(log[0]) >= {"epoch", "eps", "lr", "loss", "clean_acc", "cert_acc", "seconds"}
+    assert (tmp_path / "ft.onnx.ckpt" / "last.pt").exists()
+
+    # the exported model computes what the fine-tuned torch model computes (parity checked in export),
+    # and differs from the input model (it was trained)
+    import numpy as np
+    import onnxruntime as ort
+
+    x = np.random.RandomState(0).rand(4, *[d if isinstance(d, int) else 1 for d in
+                                          ort.InferenceSession(str(model)).get_inputs()[0].shape[1:]])
+    a = ort.InferenceSession(str(model)).run(None, {ort.InferenceSession(str(model)).get_inputs()[0].name:
+                                                    x.astype(np.float32)})[0]
+    s2 = ort.InferenceSession(str(tmp_path / "ft.onnx"))
+    b = s2.run(None, {s2.get_inputs()[0].name: x.astype(np.float32)})[0]
+    assert not np.allclose(a, b)
+
+
+def test_finetune_from_scratch_json_stdout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_npz(tmp_path / "d.npz", n=96, n_test=16)
+    rc = _run(monkeypatch, tmp_path, "finetune", "--arch", "cnn3", "--data", str(data), "--norm", "linf:0.05",
+              "--method", "sabr", "--epochs", "2", "--batch-size", "32", "--pgd-steps", "2", "--eval-method", "ibp",
+              "--method-opt", "sabr_lambda=0.3", "--method-opt", "note=x", "--json", "-")
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    res = json.loads(out.out)
+    assert res["method"] == "sabr" and res["arch"] == "cnn3"
+    assert res["output"] == "cnn3_sabr.onnx"
+    cert = _ort_certificate(tmp_path / "cnn3_sabr.onnx")
+    assert cert["n"] == 16
+    assert res["training"]["config"]["regularize"] is True  # Shi et al. regularisers on from scratch
+    assert res["training"]["config"]["options"]["sabr_lambda"] == 0.3
+    assert res["training"]["config"]["options"]["note"] == "x"
+
+
+def test_bad_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_npz(tmp_path / "d.npz", n=32, n_test=8)
+    assert _run(monkeypatch, tmp_path, "finetune", "--data", str(data), "--norm", "linf:0.1") != 0
+    assert "either MODEL.onnx" in capsys.readouterr().err
+    assert _run(monkeypatch, tmp_path, "finetune", "--arch", "mlp", "--data", str(data), "--norm", "linf:0.1",
+                "--epochs", "2", "--ramp-epochs", "5") != 0
+    assert "exceed --epochs" in capsys.readouterr().err
