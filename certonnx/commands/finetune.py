@@ -21,12 +21,18 @@ from certonnx.utils import atomic_write_bytes, check_writable
 METHOD_CHOICES = ["standard", "pgd", "ibp", "crown-ibp", "sabr", "mtl-ibp"]
 
 
-def _norms(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, float] | None:
+def _norms(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, float] | str | None:
     if value is None:
         return None
-    from certonnx.certify.core import parse_norms
+    from certonnx.certify.core import canonical_norm, parse_norms
 
     try:
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        if parts and not all(":" in p for p in parts):
+            # radii left out (e.g. --norm linf,l2): filled from the data's shape later
+            for p in parts:
+                canonical_norm(p.split(":")[0])
+            return value
         return parse_norms(value)
     except ValueError as e:
         raise click.BadParameter(str(e), ctx=ctx, param=param) from None
@@ -122,6 +128,16 @@ def _method(ctx: click.Context, param: click.Parameter, value: str) -> str:
               help="mtl-ibp: weight of the adversarial loss.")
 @click.option("--pgd-steps", type=click.IntRange(min=1), default=10, show_default=True,
               help="PGD steps of the training attack (pgd, sabr, mtl-ibp).")
+@click.option("--radii", type=click.Choice(["small", "large"]), default="small", show_default=True,
+              help="Default radii for norms given without one (--norm linf,l2), per dataset shape: "
+                   "MNIST small linf 0.1 / l2 0.75, large 0.3 / 1.0; CIFAR 2/255 / 0.25, 8/255 / 0.5 (CURE).")
+@click.option("--gls-estimator", type=click.Choice(["pgpe", "rgs"]), default=None,
+              help="gls: zeroth-order PGPE or randomized gradient smoothing (see docs/gls.md).")
+@click.option("--relaxation", type=click.Choice(["ibp", "crown-ibp", "crown", "alpha-crown"]), default=None,
+              help="Bound relaxation the method trains on (gls; acert uses ibp or crown-ibp).")
+@click.option("--eval-radius/--no-eval-radius", default=None,
+              help="Also compute per-sample certified radii and the average certified radius (ACR) on the "
+                   "test split and store them in the certificate [default: on for acert].")
 @click.option("--method-opt", "method_opts", multiple=True, metavar="KEY=VALUE",
               help="Extra option for the method (repeatable), e.g. --method-opt beta_end=0.2; numbers are "
                    "parsed as numbers. Overrides the dedicated flags above.")
@@ -150,7 +166,8 @@ def command(model: str | None, data: str, norms: dict[str, float], method: str, 
             batch_size: int, lr: float | None, optimizer: str, lr_schedule: str, lr_milestones: list[int] | None,
             lr_decay: float, weight_decay: float, warmup_epochs: int | None, ramp_epochs: int | None,
             eps_schedule: str, grad_clip: float, kappa_end: float, sabr_lambda: float, mtl_alpha: float,
-            pgd_steps: int, method_opts: tuple[str, ...], init: str, regularize: bool | None, output: str | None, checkpoint_dir: str | None,
+            pgd_steps: int, radii: str, gls_estimator: str | None, relaxation: str | None,
+            eval_radius: bool | None, method_opts: tuple[str, ...], init: str, regularize: bool | None, output: str | None, checkpoint_dir: str | None,
             resume: bool, log_json: str | None, n_train: int | None, eval_n: int | None, eval_method: str,
             device: str, seed: int, mean: list[float] | None, std: list[float] | None,
             json_out: str | None) -> int:
@@ -249,6 +266,14 @@ def command(model: str | None, data: str, norms: dict[str, float], method: str, 
     x, note = check_against_model(x, cm.sample_shape)
     if note:
         say(f"[yellow]note:[/] {note}")
+    if isinstance(norms, str):
+        from certonnx.train.methods.cure import parse_norms_with_defaults
+
+        try:
+            norms = parse_norms_with_defaults(norms, cm.sample_shape, radii)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="'--norm'") from None
+        say(f"radii for --norm {','.join(norms)} ({radii} setting for inputs {tuple(cm.sample_shape)}): {norms}")
     # unsupported ops fail here, naming the op, before training
     from certonnx.bounds import BoundedModule
 
@@ -265,7 +290,10 @@ def command(model: str | None, data: str, norms: dict[str, float], method: str, 
         weight_decay=weight_decay, lr_schedule=lr_schedule, lr_milestones=lr_milestones, lr_decay=lr_decay,
         warmup_epochs=warmup, ramp_epochs=ramp, eps_schedule=eps_schedule, grad_clip=grad_clip, seed=seed,
         regularize=reg, options={"kappa_end": kappa_end, "sabr_lambda": sabr_lambda, "mtl_alpha": mtl_alpha,
-                                 "pgd_steps": pgd_steps, **_parse_opts(method_opts)},
+                                 "pgd_steps": pgd_steps,
+                                 **({"gls_estimator": gls_estimator} if gls_estimator else {}),
+                                 **({"gls_relaxation": relaxation, "acert_bounds": relaxation} if relaxation else {}),
+                                 **_parse_opts(method_opts)},
         domain=tuple(cm.domain), num_classes=num_classes, checkpoint_dir=str(ckdir), log_json=log_json,
         device=str(dev),
     )
@@ -276,6 +304,7 @@ def command(model: str | None, data: str, norms: dict[str, float], method: str, 
     torch.manual_seed(seed)
     trainer = Trainer(cm.module, x, y, cfg, sample_shape=cm.sample_shape, progress=True, echo=say)
     log = trainer.fit(resume=resume)
+    trainer.method.finalize(cm.module)  # e.g. SaC folds its shrinkage into plain weights
     t_train = time.monotonic() - t_start
     if rank != 0:
         D.barrier()
@@ -299,6 +328,23 @@ def command(model: str | None, data: str, norms: dict[str, float], method: str, 
                              progress=True, seed=seed)
         res["evaluation"] = ev
         res["data"]["sha256_test"] = tinfo["sha256"]
+        radius_info: dict[str, Any] = {}
+        if eval_radius or (eval_radius is None and method == "acert"):
+            from certonnx.bounds import BoundedModule
+            from certonnx.certify.radius import certified_radius, radius_summary
+
+            rbm = BoundedModule(cm.module, cm.sample_shape)
+            rmeth = "crown-ibp" if eval_method in ("auto", "crown", "alpha-crown") else eval_method
+            xd, yd = xt.to(dev), yt.to(dev)
+            with torch.no_grad():
+                correct = (cm.module(xd).flatten(1).argmax(1) == yd).cpu()
+            for norm, eps in norms.items():
+                r = certified_radius(rbm, xd, yd, norm, 2 * eps, rmeth, domain=tuple(cm.domain),
+                                     batch_size=max(batch_size, 128), num_classes=num_classes).cpu()
+                summ = radius_summary(r, 2 * eps, correct=correct)
+                radius_info[norm] = {"acr": summ["acr"], "eps_max": 2 * eps, "method": rmeth, "curve": summ["curve"]}
+            res["radius"] = radius_info
+            say("average certified radius (ACR): " + ", ".join(f"{k} {v['acr']:.4f}" for k, v in radius_info.items()))
         cert = make_certificate(
             norms=norms, input_space=ev["input_space"], method=ev["method"],
             verifier=f"certonnx finetune ({ev['method']} bounds after {method} training)",
@@ -306,7 +352,10 @@ def command(model: str | None, data: str, norms: dict[str, float], method: str, 
             certified_accuracy=ev["certified_accuracy"], union_certified_accuracy=ev["union_certified_accuracy"],
             pgd_accuracy=ev["pgd_accuracy"],
             extra={"training": {"method": method, "epochs": epochs, "source": model or f"--arch {arch}",
-                                "train_sha256": info["sha256"], "final": log[-1] if log else None}},
+                                "train_sha256": info["sha256"], "final": log[-1] if log else None},
+                   **({"average_certified_radius": {k: v["acr"] for k, v in radius_info.items()},
+                       "radius_search": {k: {"eps_max": v["eps_max"], "method": v["method"]}
+                                         for k, v in radius_info.items()}} if radius_info else {})},
         )
     certonnx.export(cm, output, certificate=cert)
     res["seconds"] = round(time.monotonic() - t_start, 2)

@@ -155,7 +155,14 @@ class Trainer:
             from certonnx.bounds import BoundedModule
 
             self.bm = BoundedModule(self.module, self.sample_shape)
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        # methods that reparametrise the model (SaC) do it before the bound engine and the
+        # optimizer see the module; parameters they optimise themselves are not the trainer's
+        owned = {id(p) for p in self.method.setup(self.module, dict(config.options))}
+        if owned and self.bm is not None:
+            from certonnx.bounds import BoundedModule
+
+            self.bm = BoundedModule(self.module, self.sample_shape)
+        self.params = [p for p in self.module.parameters() if p.requires_grad and id(p) not in owned]
         if not self.params:
             raise TrainingError("the model has no trainable parameters")
         if config.optimizer == "adam":
@@ -189,6 +196,7 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "config": self.cfg.to_dict(),
             "log": self.log,
+            "method": self.method.state_dict(),
         }
 
     def save_checkpoint(self) -> None:
@@ -219,6 +227,7 @@ class Trainer:
         except RuntimeError as e:
             raise TrainingError(f"checkpoint {p} does not fit this model: {str(e).splitlines()[0]}") from e
         self.opt.load_state_dict(st["optimizer"])
+        self.method.load_state_dict(st.get("method", {}))
         self.epoch = int(st["epoch"])
         self.log = list(st["log"])
         torch.set_rng_state(st["rng"]["torch"].cpu())

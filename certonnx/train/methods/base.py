@@ -79,6 +79,21 @@ class Method:
     def on_step(self, ctx: StepContext) -> None:  # noqa: B027 - optional hook
         """Called after each optimizer step (e.g. for methods with their own state)."""
 
+    def setup(self, module: nn.Module, options: dict[str, Any]) -> list[nn.Parameter]:
+        """Called once before the optimizer is built. Returns parameters the method owns and
+        optimises itself (e.g. SaC's shrinkage factors), which the trainer's optimizer skips."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state saved in checkpoints (own optimizers, adapted σ, ...)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restore :meth:`state_dict` when resuming."""
+
+    def finalize(self, module: nn.Module) -> None:  # noqa: B027 - optional hook
+        """Called after training, before certification and export (e.g. fold reparametrisations)."""
+
 
 # -- helpers -----------------------------------------------------------------------------------
 
