@@ -220,7 +220,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1 by default: stable ratios on a shared machine)")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     res = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
