@@ -70,9 +70,10 @@ def default_norms(sample_shape: Sequence[int], setting: str = "small") -> dict[s
     must give radii, so this raises a :class:`CertonnxError` saying so.
     """
     shape = tuple(int(d) for d in sample_shape)
-    if shape in ((784,), (28, 28), (1, 784)):
+    # channel-last (Keras/TF exports) and flat layouts of the same images
+    if shape in ((784,), (28, 28), (1, 784), (784, 1), (28, 28, 1)):
         shape = (1, 28, 28)
-    if shape in ((3072,),):
+    if shape in ((3072,), (32, 32, 3)):
         shape = (3, 32, 32)
     if setting not in ("small", "large"):
         raise CertonnxError(f"unknown radius setting {setting!r} (expected small or large)")
