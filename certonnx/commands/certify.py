@@ -15,32 +15,12 @@ from typing import Any
 
 import click
 
+from certonnx.commands.options import floats_option, norms_option
 from certonnx.errors import CertonnxError
 from certonnx.utils import atomic_write_bytes, check_writable
 
-
-def _norms(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, float] | None:
-    if value is None:
-        return None
-    from certonnx.certify.core import parse_norms
-
-    try:
-        return parse_norms(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
-
-
-def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        vals = [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated numbers, e.g. 0.485,0.456,0.406",
-                                 ctx=ctx, param=param) from None
-    if not vals:
-        raise click.BadParameter("expected at least one number", ctx=ctx, param=param)
-    return vals
+_norms = norms_option
+_floats = floats_option
 
 
 _MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from certonnx.commands.options import floats_option, norms_option
 from certonnx.errors import CertonnxError
 from certonnx.utils import atomic_write_bytes, check_writable
 
@@ -24,30 +25,21 @@ METHOD_CHOICES = ["standard", "pgd", "ibp", "crown-ibp", "sabr", "mtl-ibp"]
 def _norms(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, float] | str | None:
     if value is None:
         return None
-    from certonnx.certify.core import canonical_norm, parse_norms
+    from certonnx.certify.core import canonical_norm
 
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if parts and all(":" in p for p in parts):
+        return norms_option(ctx, param, value)
     try:
-        parts = [p.strip() for p in value.split(",") if p.strip()]
-        if parts and not all(":" in p for p in parts):
-            # radii left out (e.g. --norm linf,l2): filled from the data's shape later
-            for p in parts:
-                canonical_norm(p.split(":")[0])
-            return value
-        return parse_norms(value)
+        # radii left out (e.g. --norm linf,l2): filled from the data's shape later
+        for p in parts:
+            canonical_norm(p.split(":")[0])
     except ValueError as e:
         raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+    return value
 
 
-def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        vals = [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated numbers", ctx=ctx, param=param) from None
-    if not vals:
-        raise click.BadParameter("expected at least one number", ctx=ctx, param=param)
-    return vals
+_floats = floats_option
 
 
 def _ints(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
