@@ -9,16 +9,17 @@ Shapes used throughout the engine:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 NORMS = ("linf", "l2")
 
 
-@dataclass
 class Interval:
     """Element-wise lower/upper bounds of a perturbed tensor.
+
+    It can be built from ``(lower, upper)`` or, by affine rules, from ``(center, radius)``;
+    the other pair is computed on first use and cached. Affine layers consume centre/radius and
+    activations consume lower/upper, so a conv → BatchNorm chain never converts back and forth.
 
     ``ball`` optionally records that the tensor lies in an L2 ball ``(center, eps)`` of the
     *same* shape (eps per sample, shape ``(B,)``). Shape-only ops and scalar affine ops keep it,
@@ -26,21 +27,47 @@ class Interval:
     (``eps * ||row||_2``) instead of the much looser enclosing box.
     """
 
-    lower: torch.Tensor
-    upper: torch.Tensor
-    ball: tuple[torch.Tensor, torch.Tensor] | None = None
+    __slots__ = ("_lower", "_upper", "_center", "_radius", "ball")
+
+    def __init__(self, lower: torch.Tensor, upper: torch.Tensor,
+                 ball: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self._lower: torch.Tensor | None = lower
+        self._upper: torch.Tensor | None = upper
+        self._center: torch.Tensor | None = None
+        self._radius: torch.Tensor | None = None
+        self.ball = ball
+
+    @staticmethod
+    def from_center(center: torch.Tensor, radius: torch.Tensor,
+                    ball: tuple[torch.Tensor, torch.Tensor] | None = None) -> Interval:
+        itv = Interval.__new__(Interval)
+        itv._lower = itv._upper = None
+        itv._center, itv._radius, itv.ball = center, radius, ball
+        return itv
+
+    @property
+    def lower(self) -> torch.Tensor:
+        if self._lower is None:
+            self._lower = self._center - self._radius  # type: ignore[operator]
+        return self._lower
+
+    @property
+    def upper(self) -> torch.Tensor:
+        if self._upper is None:
+            self._upper = self._center + self._radius  # type: ignore[operator]
+        return self._upper
 
     @property
     def center(self) -> torch.Tensor:
-        return (self.upper + self.lower) * 0.5
+        if self._center is None:
+            self._center = (self._upper + self._lower) * 0.5  # type: ignore[operator]
+        return self._center
 
     @property
     def radius(self) -> torch.Tensor:
-        return (self.upper - self.lower) * 0.5
-
-    @staticmethod
-    def from_center(center: torch.Tensor, radius: torch.Tensor) -> Interval:
-        return Interval(center - radius, center + radius)
+        if self._radius is None:
+            self._radius = (self._upper - self._lower) * 0.5  # type: ignore[operator]
+        return self._radius
 
     def intersect(self, other: Interval) -> Interval:
         """Both are sound, so their intersection is too (and never looser)."""

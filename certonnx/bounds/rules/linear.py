@@ -22,7 +22,7 @@ def _ball_radius(itv: Interval, rownorm: torch.Tensor, center_out: torch.Tensor)
         return None
     _, eps = itv.ball
     r = eps.view(-1, *([1] * (center_out.ndim - 1))) * rownorm
-    return Interval(center_out - r, center_out + r)
+    return Interval.from_center(center_out, r)
 
 
 class _WeightedRule(Rule):
@@ -60,7 +60,7 @@ class _WeightedRule(Rule):
         w, b = self.weight_bias(vals)
         c = self.apply(itv.center, w, b)
         r = self.apply(itv.radius, self.abs_weight(w), None)
-        out = Interval(c - r, c + r)
+        out = Interval.from_center(c, r)
         if itv.ball is not None:
             center, _ = itv.ball
             ball = _ball_radius(itv, self.rownorm(w), self.apply(center, w, b))
@@ -263,8 +263,7 @@ class BatchNormRule(Rule):
         scale, shift = self.scale_shift(vals)
         nd = itv.lower.ndim
         s, t = self._shape(scale, nd), self._shape(shift, nd)
-        c, r = itv.center * s + t, itv.radius * s.abs()
-        return Interval(c - r, c + r)
+        return Interval.from_center(itv.center * s + t, itv.radius * s.abs())
 
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
         scale, shift = self.scale_shift(vals)
