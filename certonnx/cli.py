@@ -14,7 +14,7 @@ import click
 from certonnx import __version__
 
 # command name -> module under certonnx.commands exposing a click command called ``command``
-COMMANDS = ["inspect", "certify", "verify", "finetune"]
+COMMANDS = ["inspect", "certify", "verify", "finetune", "check"]
 
 
 class _Group(click.Group):

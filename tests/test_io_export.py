@@ -16,7 +16,7 @@ from torch import nn
 from certonnx import __version__
 from certonnx.errors import ExportError, OutputPathError
 from certonnx.io import export, load, make_certificate, read_certificate
-from certonnx.io.metadata import SCHEMA, weights_fingerprint
+from certonnx.io.metadata import SCHEMA, graph_fingerprint, weights_fingerprint
 from certonnx.io.normalization import prepend_normalization
 
 FIX = Path(__file__).parent / "fixtures"
@@ -95,6 +95,35 @@ def test_fingerprint_is_deterministic() -> None:
     b.graph.initializer.reverse()
     assert weights_fingerprint(a) == weights_fingerprint(b)
     assert weights_fingerprint(a) != weights_fingerprint(onnx.load(str(FIX / "mlp_ts.onnx")))
+
+
+def test_graph_fingerprint_sees_constants_and_wiring_not_metadata(tmp_path: Path) -> None:
+    m = load(FIX / "cnn_norm_ts.onnx", n_parity=2)
+    onx = onnx.load(str(export(m, tmp_path / "a.onnx", cert())))
+    assert read_certificate(onx)["graph_match"] is True
+    base = graph_fingerprint(onx)
+    same = onnx.ModelProto()
+    same.CopyFrom(onx)
+    same.doc_string, same.producer_name = "edited docs", "someone else"
+    onnx.helper.set_model_props(same, {"note": "metadata is not the function"})
+    assert graph_fingerprint(same) == base
+    # Constant nodes (e.g. a normalization's mean) count, though they are not initializers
+    from onnx import TensorProto, helper
+
+    def with_const(v: float) -> onnx.ModelProto:
+        c = helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", TensorProto.FLOAT, [1], [v]))
+        g = helper.make_graph([c, helper.make_node("Sub", ["x", "c"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        return helper.make_model(g)
+
+    assert graph_fingerprint(with_const(0.5)) == graph_fingerprint(with_const(0.5))
+    assert graph_fingerprint(with_const(0.5)) != graph_fingerprint(with_const(0.25))
+    edited = onnx.ModelProto()
+    edited.CopyFrom(onx)
+    edited.graph.node[-1].op_type = "Softmax" if edited.graph.node[-1].op_type != "Softmax" else "Identity"
+    assert graph_fingerprint(edited) != base
+    assert read_certificate(edited)["graph_match"] is False
 
 
 def test_source_metadata_kept_and_old_certificate_replaced(tmp_path: Path) -> None:
@@ -179,9 +208,9 @@ def test_make_certificate_schema() -> None:
     assert set(c) == {
         "schema", "certonnx_version", "created", "norms", "input_space", "method", "verifier", "dataset_sha256",
         "n", "clean_accuracy", "certified_accuracy", "union_certified_accuracy", "pgd_accuracy",
-        "weights_sha256", "extra",
+        "weights_sha256", "graph_sha256", "extra",
     }
-    assert c["weights_sha256"] is None and c["union_certified_accuracy"] is None
+    assert c["weights_sha256"] is None and c["graph_sha256"] is None and c["union_certified_accuracy"] is None
     json.dumps(c)
     with pytest.raises(TypeError):
         cert(extra={"bad": object()})

@@ -209,6 +209,11 @@ def render(info: dict[str, Any]) -> None:
         c.add_row("weights fingerprint",
                   "[green]matches the weights[/green]" if cert.get("weights_match")
                   else "[red]does NOT match the weights in this file[/red]")
+        gm = cert.get("graph_match")
+        c.add_row("graph fingerprint",
+                  "[dim]not stored (older certificate)[/dim]" if gm is None
+                  else "[green]matches the graph[/green]" if gm
+                  else "[red]does NOT match the graph in this file[/red]")
         con.print(c)
 
 

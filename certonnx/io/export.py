@@ -25,7 +25,13 @@ from torch import nn
 from certonnx import __version__
 from certonnx.errors import CertonnxError, ExportError, ModelLoadError, ParityError
 from certonnx.graph.model import CertModel
-from certonnx.io.metadata import KEY_CERTIFICATE, KEY_VERSION, set_metadata, weights_fingerprint
+from certonnx.io.metadata import (
+    KEY_CERTIFICATE,
+    KEY_VERSION,
+    graph_fingerprint,
+    set_metadata,
+    weights_fingerprint,
+)
 from certonnx.utils import atomic_write_bytes, check_writable
 
 
@@ -138,7 +144,9 @@ def export(
         if certificate is not None:
             cert = dict(certificate)
             cert["weights_sha256"] = weights_fingerprint(onx)
+            cert["graph_sha256"] = graph_fingerprint(onx)
             cert.pop("weights_match", None)
+            cert.pop("graph_match", None)
             try:
                 meta[KEY_CERTIFICATE] = json.dumps(cert, sort_keys=True, allow_nan=False)
             except (TypeError, ValueError) as e:

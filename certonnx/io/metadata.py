@@ -63,6 +63,7 @@ def make_certificate(
         "union_certified_accuracy": None if union_certified_accuracy is None else float(union_certified_accuracy),
         "pgd_accuracy": None if pgd_accuracy is None else {str(k): float(v) for k, v in pgd_accuracy.items()},
         "weights_sha256": None,
+        "graph_sha256": None,
         "extra": dict(extra or {}),
     }
     json.dumps(cert)  # fail here, not at export, on values JSON cannot hold
@@ -80,6 +81,49 @@ def weights_fingerprint(model: onnx.ModelProto) -> str:
     return h.hexdigest()
 
 
+def _hash_value(h: Any, v: Any) -> None:
+    """Feed one attribute value into ``h`` canonically (tensors by dtype/shape/bytes, subgraphs
+    recursively), so the fingerprint depends on content, not on protobuf serialisation details."""
+    if isinstance(v, onnx.TensorProto):
+        arr = np.ascontiguousarray(numpy_helper.to_array(v))
+        h.update(b"T" + str(arr.dtype).encode() + b"\0" + str(arr.shape).encode() + b"\0" + arr.tobytes())
+    elif isinstance(v, onnx.GraphProto):
+        h.update(b"G")
+        _hash_graph(h, v)
+    elif isinstance(v, list | tuple):
+        h.update(b"L" + str(len(v)).encode() + b"\0")
+        for item in v:
+            _hash_value(h, item)
+    elif isinstance(v, bytes):
+        h.update(b"B" + str(len(v)).encode() + b"\0" + v)
+    else:
+        h.update(b"S" + repr(v).encode() + b"\0")
+
+
+def _hash_graph(h: Any, g: onnx.GraphProto) -> None:
+    for vi in (*g.input, *g.output):
+        h.update(b"V" + vi.name.encode() + b"\0" + vi.type.SerializeToString(deterministic=True))
+    for node in g.node:
+        h.update(b"N" + node.domain.encode() + b"\0" + node.op_type.encode() + b"\0")
+        h.update("\0".join(node.input).encode() + b"\1" + "\0".join(node.output).encode() + b"\1")
+        for attr in sorted(node.attribute, key=lambda a: a.name):
+            h.update(b"A" + attr.name.encode() + b"\0")
+            _hash_value(h, onnx.helper.get_attribute_value(attr))
+
+
+def graph_fingerprint(model: onnx.ModelProto) -> str:
+    """sha256 over the computation itself: graph inputs/outputs and every node in order (domain,
+    op type, input/output names, attributes including constant tensors and subgraphs).
+
+    Complements :func:`weights_fingerprint`: a changed activation, a rewired node or an edited
+    ``Constant`` (e.g. the normalization's mean/std) changes the function without touching any
+    initializer. Metadata, names of the producer and doc strings do not count.
+    """
+    h = hashlib.sha256()
+    _hash_graph(h, model.graph)
+    return h.hexdigest()
+
+
 def _as_model(path_or_model: str | os.PathLike[str] | onnx.ModelProto | bytes) -> onnx.ModelProto:
     if isinstance(path_or_model, onnx.ModelProto):
         return path_or_model
@@ -93,7 +137,9 @@ def _as_model(path_or_model: str | os.PathLike[str] | onnx.ModelProto | bytes) -
 def read_certificate(path_or_model: str | os.PathLike[str] | onnx.ModelProto | bytes) -> dict[str, Any] | None:
     """The certificate stored in a model, or None when it has none.
 
-    Adds ``weights_match`` (bool): whether ``weights_sha256`` matches the model's initializers.
+    Adds ``weights_match`` (bool): whether ``weights_sha256`` matches the model's initializers, and
+    ``graph_match`` (bool, or None for a certificate written before ``graph_sha256`` existed):
+    whether ``graph_sha256`` matches its nodes.
     """
     model = _as_model(path_or_model)
     meta = {p.key: p.value for p in model.metadata_props}
@@ -108,6 +154,8 @@ def read_certificate(path_or_model: str | os.PathLike[str] | onnx.ModelProto | b
         raise ModelLoadError(f"the {KEY_CERTIFICATE} metadata is not a JSON object")
     fp = cert.get("weights_sha256")
     cert["weights_match"] = bool(fp) and fp == weights_fingerprint(model)
+    gfp = cert.get("graph_sha256")
+    cert["graph_match"] = None if "graph_sha256" not in cert else (bool(gfp) and gfp == graph_fingerprint(model))
     return cert
 
 

@@ -1,0 +1,138 @@
+"""``certonnx check MODEL --require linf:0.1>=0.90``: the deployment-pipeline gate.
+
+Exit 0 when the model meets every requirement, 1 when it does not (one line says why), 2 on
+bad input (unreadable model, bad flag). The numbers come from the certificate in the model's
+metadata, trusted only when its weight fingerprint matches, or, with ``--data``, from a fresh
+certification of the file as it is now. Logic lives in :mod:`certonnx.certify.gate`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from certonnx.errors import CertonnxError
+from certonnx.utils import atomic_write_bytes, check_writable
+
+
+def _requirements(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[Any]:
+    from certonnx.certify.gate import RequirementError, parse_requirement
+
+    out = []
+    for text in value:
+        # also accept several requirements in one flag: --require "linf:0.1>=0.9,union>=0.3"
+        for part in (p for p in text.split(",") if p.strip()):
+            try:
+                out.append(parse_requirement(part))
+            except RequirementError as e:
+                raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+    return out
+
+
+@click.command("check")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--require", "requirements", multiple=True, callback=_requirements, metavar="METRIC[:EPS]>=VALUE",
+              help="A requirement, repeatable: linf:0.1>=0.90, l2:0.5>=80%, union>=0.3, clean>=0.95, "
+                   "pgd-linf:0.1>=0.9. ε in raw input units.")
+@click.option("--data", default=None, type=click.Path(dir_okay=False),
+              help="Re-certify on this .npz instead of trusting the stored numbers (implies --recertify).")
+@click.option("--recertify", is_flag=True, help="Certify the model now (needs --data); the stored certificate "
+              "is still checked for tampering when present.")
+@click.option("--split", default="test", show_default=True, help="Split of the .npz used with --data.")
+@click.option("--n", "n", type=click.IntRange(min=1), default=None, help="Re-certify on the first N samples.")
+@click.option("--method", type=click.Choice(["auto", "ibp", "crown-ibp", "crown", "alpha-crown"],
+              case_sensitive=False), default="auto", show_default=True, help="Bound method for --recertify.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "json_out", default=None, metavar="OUT", help="Write the verdict as JSON ('-' = stdout).")
+@click.option("-q", "--quiet", is_flag=True, help="Only the PASS/FAIL line.")
+def command(model: str, requirements: list[Any], data: str | None, recertify: bool, split: str, n: int | None,
+            method: str, batch_size: int, device: str, json_out: str | None, quiet: bool) -> int:
+    """Pass or fail MODEL against robustness requirements (exit 0 pass, 1 fail, 2 error).
+
+    \b
+    certonnx check robust.onnx --require linf:0.1>=0.90 --require union>=0.30
+    certonnx check robust.onnx --require clean>=0.95 --json verdict.json
+    certonnx check robust.onnx --require linf:0.1>=0.9 --data test.npz --n 1000   # re-certify now
+
+    Without --data the numbers are those of the certificate stored by `certonnx certify -o` or
+    `certonnx finetune -o`; they count only if the weights still match its fingerprint, so a
+    model edited after certification fails. A certificate at a larger ε satisfies a requirement
+    at a smaller ε (the smaller ball is inside the larger), never the other way round.
+    """
+    from certonnx.certify.gate import check_certificate, recertify_norms
+    from certonnx.io.metadata import read_certificate
+
+    if recertify and data is None:
+        raise click.BadParameter("--recertify needs --data FILE.npz", param_hint="'--recertify'")
+    recertify = recertify or data is not None
+    if json_out not in (None, "-"):
+        if Path(json_out).resolve() == Path(model).resolve():
+            raise CertonnxError(f"--json would overwrite the input model {model}; choose another path")
+        check_writable(json_out)
+    if not Path(model).is_file():
+        raise CertonnxError(f"model file not found: {model}" if not Path(model).exists()
+                            else f"model path is not a file: {model}")
+
+    cert = read_certificate(model)
+    fresh: dict[str, Any] | None = None
+    if recertify:
+        fresh = _recertify(model, str(data), recertify_norms(requirements, cert), split=split, n=n,
+                           method=method.lower(), batch_size=batch_size, device=device, quiet=quiet or json_out == "-")
+    verdict = check_certificate(cert, requirements, fresh)
+
+    name = Path(model).name
+    if verdict.passed:
+        shown = ", ".join(f"{o.requirement} ({o.actual:.4f})" for o in verdict.outcomes) or "no requirements given"
+        line = f"PASS {name}: {shown}; " + ("re-certified now" if fresh is not None else "certificate weights match")
+    else:
+        line = f"FAIL {name}: " + "; ".join(verdict.reasons)
+    report = {**verdict.to_dict(), "model": str(model), "line": line,
+              "certificate": cert, "recertified": fresh}
+    if json_out == "-":
+        click.echo(json.dumps(report, default=str))
+    else:
+        if json_out is not None:
+            atomic_write_bytes(json_out, (json.dumps(report, indent=2, default=str) + "\n").encode())
+        if not quiet and verdict.outcomes:
+            _table(verdict)
+        click.echo(line)
+    return 0 if verdict.passed else 1
+
+
+def _recertify(model: str, data: str, norms: dict[str, float], *, split: str, n: int | None, method: str,
+               batch_size: int, device: str, quiet: bool) -> dict[str, Any]:
+    """Certify the file as it is now; the result dict has the certificate's key names."""
+    import certonnx
+    from certonnx.certify.core import certify_dataset
+    from certonnx.data import check_against_model, load_npz
+    from certonnx.errors import DataError
+    from certonnx.utils import resolve_device
+
+    if not Path(data).is_file():
+        raise DataError(f"data file not found: {data}")
+    cm = certonnx.load(model)
+    x, y, info = load_npz(data, split, n, num_classes=cm.num_classes)
+    x, _ = check_against_model(x, cm.sample_shape)
+    res = certify_dataset(cm, x, y, norms, method, batch_size=batch_size, device=resolve_device(device),
+                          progress=not quiet, onnx_path=model)
+    res["norms"] = dict(res["epsilon"])
+    res["dataset_sha256"] = info["sha256"]
+    return res
+
+
+def _table(verdict: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="certonnx check")
+    for col in ("requirement", "ε", "actual", "source", "result"):
+        t.add_column(col)
+    for o in verdict.outcomes:
+        t.add_row(o.requirement, "" if o.eps is None else f"{o.eps:g}",
+                  "n/a" if o.actual is None else f"{o.actual:.4f}", o.source,
+                  "[green]pass[/green]" if o.passed else f"[red]fail[/red] {o.reason}")
+    Console(stderr=True).print(t)
