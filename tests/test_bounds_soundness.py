@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from certonnx.bounds import METHODS, BoundedModule, InputSet, margin_matrix
+from certonnx.bounds.core import Interval
 from certonnx.errors import UnsupportedOpError
 from tests.bounds_util import assert_sound
 
@@ -188,3 +189,45 @@ def test_memory_fallback_warns() -> None:
     with pytest.warns(UserWarning, match="falling back"):
         lb, _ = bm.compute(InputSet(x, 0.01), None, "alpha-crown", max_memory=1)
     assert torch.isfinite(lb).all()
+
+
+@pytest.mark.parametrize("arch", ["conv-bn", "linear3d-bn"])
+def test_batchnorm_folding_matches_unfolded_ibp(arch: str) -> None:
+    """IBP folds an eval-mode BatchNorm into the Conv/Linear before it (fewer element-wise
+    passes). The fold is exact, so bounds must equal the unfolded ones and stay sound; a Linear
+    on 3-D input (BatchNorm over a different axis than the Linear's features) must not fold."""
+    torch.manual_seed(0)
+    if arch == "conv-bn":
+        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(4 * 4 * 4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
+        shape: tuple[int, ...] = (1, 6, 6)
+    else:
+        model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(24, 5))
+        shape = (4, 5)
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.running_mean.uniform_(-0.3, 0.3)
+            mod.running_var.uniform_(0.3, 2.0)
+            mod.weight.data.uniform_(-1.5, 1.5)  # negative scales flip |W| signs: the fold must handle them
+            mod.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    bm = BoundedModule(model, shape)
+    x = torch.rand(3, *shape)
+    inset = InputSet(x, 0.05)
+    lb, ub = bm.compute(inset, None, "ibp")
+    lb, ub = bm.compute(inset, None, "ibp")  # second call: folded (shapes known), cached weights
+    ctx = bm.ibp_pass(inset)
+    folded = [n for n in bm._bn_pairs if not isinstance(ctx.values[n], Interval)]
+    assert len(folded) == (2 if arch == "conv-bn" else 0)
+    ref = BoundedModule(model, shape)
+    ref._bn_pairs = {}
+    lr, ur = ref.compute(inset, None, "ibp")
+    assert torch.allclose(lb, lr, atol=1e-5) and torch.allclose(ub, ur, atol=1e-5)
+    K = 5
+    assert_sound(model, torch.eye(K).expand(3, K, K), inset, lb, ub, n_samples=5000, label=f"bn-fold/{arch}")
+    # a weight update must invalidate the cached folded weights
+    with torch.no_grad():
+        model[0].weight.mul_(0.5)
+    lb2, _ = bm.compute(inset, None, "ibp")
+    lr2, _ = ref.compute(inset, None, "ibp")
+    assert torch.allclose(lb2, lr2, atol=1e-5)

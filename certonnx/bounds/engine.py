@@ -67,6 +67,16 @@ def perturbed_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return order
 
 
+class _Folded:
+    """Marker value of an affine layer folded into the BatchNorm after it (no bounds of its own)."""
+
+    def __repr__(self) -> str:
+        return "<folded into the next BatchNorm>"
+
+
+_FOLDED = _Folded()
+
+
 @dataclass
 class _Ctx:
     """Per-call state: values of every node (intervals for perturbed, tensors otherwise)."""
@@ -133,6 +143,54 @@ class BoundedModule:
                     if src not in self.relaxed_inputs:
                         self.relaxed_inputs.append(src)
         self._shapes_known = False
+        self._bn_pairs = self._find_bn_pairs()
+
+    def _find_bn_pairs(self) -> dict[fx.Node, fx.Node]:
+        """``{affine node: BatchNorm node}`` for a Linear/Conv/MatMul whose only user is a
+        BatchNorm over its output channels. In eval mode IBP folds the pair into one layer.
+
+        Only pairs where nothing else needs the affine layer's own bounds: its output is not
+        a relaxed input, not the model output, and feeds the BatchNorm alone.
+        """
+        from certonnx.bounds.rules.linear import BatchNormRule, ConvRule, LinearRule, MatMulRule
+
+        pairs: dict[fx.Node, fx.Node] = {}
+        for node, rule in self.rules.items():
+            if not isinstance(rule, LinearRule | ConvRule | MatMulRule) or node in self._shape_nodes:
+                continue
+            users = self.users.get(node, [])
+            if len(users) != 1 or node is self.output_node or node in self.relaxed_inputs:
+                continue
+            bn = self.rules.get(users[0])
+            if isinstance(bn, BatchNormRule) and bn.pert == [0] and bn.leaves[0] is node:
+                pairs[node] = users[0]
+        return pairs
+
+    def _fusable(self, node: fx.Node, rule: Rule) -> bool:
+        """Whether ``node`` is the affine half of a BatchNorm pair that can be folded now: eval
+        mode (running statistics are constants; training uses clean-batch statistics), channel
+        axis = the layer's output axis (always for Conv, only for 2-D outputs of Linear/MatMul)."""
+        bn_node = self._bn_pairs.get(node)
+        if bn_node is None or not self._shapes_known:
+            return False
+        bn = self.rules[bn_node]
+        if bn.module is not None and getattr(bn.module, "training", False):
+            return False
+        from certonnx.bounds.rules.linear import ConvRule
+
+        return isinstance(rule, ConvRule) or len(rule.out_shape or ()) == 1
+
+    def _ibp_fused(self, node: fx.Node, rule: Rule, vals: list[object], env: dict[fx.Node, object]) -> Interval:
+        """IBP of an affine layer and the eval-mode BatchNorm after it, as one layer."""
+        bn_node = self._bn_pairs[node]
+        bn = self.rules[bn_node]
+        bvals = [None if a is node else (env[a] if isinstance(a, fx.Node) else a) for a in bn.leaves]
+        scale, shift = bn.scale_shift(bvals)  # type: ignore[attr-defined]
+        tensors = [t for t in (*bvals[1:], *(bn.module.parameters() if bn.module is not None else ()),
+                               *(bn.module.buffers() if bn.module is not None else ())) if isinstance(t, torch.Tensor)]
+        key = tuple(x for t in tensors for x in (t, t._version))
+        wb = rule.fused_weight_bias(vals, scale, shift, key)  # type: ignore[attr-defined]
+        return rule.ibp(vals, wb)  # type: ignore[call-arg]
 
     # -- graph evaluation --------------------------------------------------------------------
     def _const_value(self, node: fx.Node, env: dict[fx.Node, object]) -> object:
@@ -190,6 +248,14 @@ class BoundedModule:
             if node in self._shape_nodes:
                 vals = [v.lower if isinstance(v, Interval) else v for v in vals]
                 env[node] = rule.call(vals)
+                continue
+            if node in env:  # a BatchNorm already folded into the layer before it
+                continue
+            if self._fusable(node, rule):
+                # the folded pair's result is the BatchNorm's; the layer's own bounds are
+                # never needed (see _find_bn_pairs), so it gets a marker, not an interval
+                env[self._bn_pairs[node]] = self._ibp_fused(node, rule, vals, env)
+                env[node] = _FOLDED
                 continue
             itv = rule.ibp(vals)
             if not self._shapes_known:

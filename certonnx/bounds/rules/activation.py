@@ -99,6 +99,15 @@ class ReLURule(ActivationRule):
     def relax(self, l, u, vals, alpha=None):  # type: ignore[no-untyped-def]
         return _relu_relax(l, u, alpha)
 
+    def ibp(self, vals: Sequence[Value]) -> Interval:
+        itv: Interval = vals[0]
+        if itv._lower is not None or itv._center is None:
+            return Interval(itv.lower.clamp(min=0), itv.upper.clamp(min=0))
+        # from centre/radius (an affine layer's output): clamp the fresh c ∓ r in place instead
+        # of allocating twice; the input's own lower/upper are derived again if CROWN needs them
+        c, r = itv.center, itv.radius
+        return Interval(torch.sub(c, r).relu_(), torch.add(c, r).relu_())  # relu_: vmap has a batching rule
+
 
 @register
 class LeakyReLURule(ActivationRule):

@@ -55,9 +55,32 @@ class _WeightedRule(Rule):
         if len(self.pert) != 1 or self.pert[0] != 0:
             raise UnsupportedOpError(self.label, self.node.name, "weights must not depend on the input")
 
-    def ibp(self, vals: Sequence[Value]) -> Interval:
-        itv: Interval = vals[0]
+    _fused_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def fused_weight_bias(self, vals: Sequence[Value], scale: torch.Tensor, shift: torch.Tensor,
+                          key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights and bias of this layer followed by a per-output-channel affine map (an eval-mode
+        BatchNorm): ``W' = s ⊙ W``, ``b' = s ⊙ b + t``. Exact, so bounds stay sound, and IBP then
+        spends no element-wise passes on the BatchNorm. Cached, like |W|, while ``key`` (the
+        tensors involved and their version counters) is unchanged and no gradient is needed."""
         w, b = self.weight_bias(vals)
+        grad = torch.is_grad_enabled() and (w.requires_grad or scale.requires_grad)
+        full_key = (w, w._version, *key)
+        c = self._fused_cache
+        if not grad and c is not None and len(c[0]) == len(full_key) and all(
+                a is k if isinstance(k, torch.Tensor) else a == k for a, k in zip(c[0], full_key)):
+            return c[1]
+        s = scale.view(-1, *([1] * (w.ndim - 1))) if not isinstance(self, MatMulRule) else scale.view(1, -1)
+        wf = w * s
+        bf = shift if b is None else b * scale + shift
+        if not grad:
+            wf, bf = wf.detach(), bf.detach()
+            self._fused_cache = (full_key, (wf, bf))
+        return wf, bf
+
+    def ibp(self, vals: Sequence[Value], wb: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Interval:
+        itv: Interval = vals[0]
+        w, b = self.weight_bias(vals) if wb is None else wb
         c = self.apply(itv.center, w, b)
         r = self.apply(itv.radius, self.abs_weight(w), None)
         out = Interval.from_center(c, r)
