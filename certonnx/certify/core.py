@@ -84,6 +84,20 @@ def _predict(module: torch.nn.Module, x: torch.Tensor, batch_size: int, dev: tor
     return torch.cat(outs)
 
 
+def prepare_model(model: Any, x: torch.Tensor, device: str | torch.device
+                  ) -> tuple[torch.device, torch.nn.Module, tuple[int, ...], tuple[float, float], bool]:
+    """``(device, module, sample_shape, domain, was_training)`` for a CertModel or a bare module,
+    with the module moved to the device and put in eval mode (the caller restores the mode)."""
+    dev = torch.device(device)
+    module = model.module if hasattr(model, "module") else model
+    sample_shape = tuple(model.sample_shape) if hasattr(model, "sample_shape") else tuple(x.shape[1:])
+    domain = tuple(model.domain) if hasattr(model, "domain") else (0.0, 1.0)
+    was_training = module.training
+    module.eval()
+    module.to(dev)
+    return dev, module, sample_shape, domain, was_training  # type: ignore[return-value]
+
+
 def certify_dataset(
     model: Any,
     x: torch.Tensor,
@@ -112,13 +126,7 @@ def certify_dataset(
     if method != "auto" and method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
     cascade = AUTO_CASCADE if method == "auto" else (method,)
-    dev = torch.device(device)
-    module = model.module if hasattr(model, "module") else model
-    sample_shape = tuple(model.sample_shape) if hasattr(model, "sample_shape") else tuple(x.shape[1:])
-    domain = tuple(model.domain) if hasattr(model, "domain") else (0.0, 1.0)
-    was_training = module.training
-    module.eval()
-    module.to(dev)
+    dev, module, sample_shape, domain, was_training = prepare_model(model, x, device)
     n = int(x.shape[0])
     gen = torch.Generator().manual_seed(seed)
     bm = BoundedModule(module, sample_shape)

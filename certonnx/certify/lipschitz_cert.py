@@ -25,7 +25,7 @@ import torch
 from certonnx.attacks.pgd import pgd_attack
 from certonnx.bounds import BoundedModule
 from certonnx.bounds.lipschitz import lipschitz_radius
-from certonnx.certify.core import SoundnessError, _input_space
+from certonnx.certify.core import SoundnessError, _input_space, prepare_model
 
 
 def lipschitz_radii(bm: BoundedModule, x: torch.Tensor, y: torch.Tensor, norm: str, batch_size: int = 256,
@@ -61,13 +61,7 @@ def certify_lipschitz(
     misclassified clean points are re-checked on ``onnx_path`` with onnxruntime when given).
     """
     t0 = time.monotonic()
-    dev = torch.device(device)
-    module = model.module if hasattr(model, "module") else model
-    sample_shape = tuple(model.sample_shape) if hasattr(model, "sample_shape") else tuple(x.shape[1:])
-    domain = tuple(model.domain) if hasattr(model, "domain") else (0.0, 1.0)
-    was_training = module.training
-    module.eval()
-    module.to(dev)
+    dev, module, sample_shape, domain, was_training = prepare_model(model, x, device)
     n = int(x.shape[0])
     gen = torch.Generator().manual_seed(seed)
     req = [p for p in module.parameters() if p.requires_grad]

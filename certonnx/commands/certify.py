@@ -209,14 +209,11 @@ def command(model: str, data: str, split: str, n: int | None, norms: dict[str, f
                          if isinstance(v, dict)}, plot, title=f"certified accuracy: {Path(model).name}")
 
     if output is not None:
-        from certonnx.io.metadata import make_certificate
+        from certonnx.io.metadata import certificate_from_result
 
-        cert = make_certificate(
-            norms=norms, input_space=res["input_space"], method=res["method"],
+        cert = certificate_from_result(
+            res, dataset_sha256=info["sha256"],
             verifier=f"certonnx certify ({res['method']}; counterexamples checked with {res['falsification_check']})",
-            dataset_sha256=info["sha256"], n=res["n"], clean_accuracy=res["clean_accuracy"],
-            certified_accuracy=res["certified_accuracy"], union_certified_accuracy=res["union_certified_accuracy"],
-            pgd_accuracy=res["pgd_accuracy"],
             extra={"data": res["data"], "per_method": res["per_method"], "status_counts": res["status_counts"]},
         )
         certonnx.export(cm, output, certificate=cert)

@@ -314,7 +314,7 @@ def command(model: str | None, data: str, norms: dict[str, float], method: str, 
     cert = None
     if xt is not None and yt is not None:
         from certonnx.certify.core import certify_dataset
-        from certonnx.io.metadata import make_certificate
+        from certonnx.io.metadata import certificate_from_result
 
         ev = certify_dataset(cm, xt, yt, norms, eval_method, batch_size=max(batch_size, 128), device=dev,
                              progress=True, seed=seed)
@@ -337,12 +337,9 @@ def command(model: str | None, data: str, norms: dict[str, float], method: str, 
                 radius_info[norm] = {"acr": summ["acr"], "eps_max": 2 * eps, "method": rmeth, "curve": summ["curve"]}
             res["radius"] = radius_info
             say("average certified radius (ACR): " + ", ".join(f"{k} {v['acr']:.4f}" for k, v in radius_info.items()))
-        cert = make_certificate(
-            norms=norms, input_space=ev["input_space"], method=ev["method"],
+        cert = certificate_from_result(
+            ev, dataset_sha256=tinfo["sha256"],
             verifier=f"certonnx finetune ({ev['method']} bounds after {method} training)",
-            dataset_sha256=tinfo["sha256"], n=ev["n"], clean_accuracy=ev["clean_accuracy"],
-            certified_accuracy=ev["certified_accuracy"], union_certified_accuracy=ev["union_certified_accuracy"],
-            pgd_accuracy=ev["pgd_accuracy"],
             extra={"training": {"method": method, "epochs": epochs, "source": model or f"--arch {arch}",
                                 "train_sha256": info["sha256"], "final": log[-1] if log else None},
                    **({"average_certified_radius": {k: v["acr"] for k, v in radius_info.items()},

@@ -70,6 +70,19 @@ def make_certificate(
     return cert
 
 
+def certificate_from_result(result: dict[str, Any], *, verifier: str, dataset_sha256: str | None,
+                            method: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A certificate from a ``certify_dataset`` result (the dict behind ``certify --json``), so
+    every command stores the same numbers under the same keys."""
+    return make_certificate(
+        norms=result["epsilon"], input_space=result["input_space"], method=method or result["method"],
+        verifier=verifier, dataset_sha256=dataset_sha256, n=result["n"], clean_accuracy=result["clean_accuracy"],
+        certified_accuracy=result["certified_accuracy"],
+        union_certified_accuracy=result["union_certified_accuracy"], pgd_accuracy=result["pgd_accuracy"],
+        extra=extra,
+    )
+
+
 def weights_fingerprint(model: onnx.ModelProto) -> str:
     """sha256 over the initializers sorted by name: name, dtype, shape and values of each."""
     h = hashlib.sha256()
