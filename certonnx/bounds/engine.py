@@ -324,6 +324,27 @@ class BoundedModule:
                     acc[1] = au if acc[1] is None else (acc[1] + au if au is not None else acc[1])
         return lb, ub
 
+    def tighten_rows(self, ctx: _Ctx, node: fx.Node, idx: torch.Tensor, lo_flat: torch.Tensor,
+                     hi_flat: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """CROWN bounds of the neurons ``idx`` of ``node`` (flattened per sample), ``chunk`` rows
+        of the identity specification per backward pass, intersected with the bounds given
+        (both sound). Returns new flat ``(lower, upper)`` of shape ``(B, n)``."""
+        B, n = lo_flat.shape
+        shape = tuple(ctx.values[node].lower.shape[1:])  # type: ignore[union-attr]
+        lows, ups = [], []
+        for s in range(0, idx.numel(), chunk):
+            rows = idx[s : s + chunk]
+            A = torch.zeros(rows.numel(), n, device=lo_flat.device, dtype=lo_flat.dtype)
+            A[torch.arange(rows.numel(), device=rows.device), rows] = 1.0
+            A = A.reshape(-1, *shape).unsqueeze(0).expand(B, -1, *shape)
+            lb, ub = self.backward(ctx, node, A, A)
+            lows.append(lb)
+            ups.append(ub)
+        new_lo, new_hi = lo_flat.clone(), hi_flat.clone()
+        new_lo[:, idx] = torch.maximum(torch.cat(lows, 1), lo_flat[:, idx])  # type: ignore[arg-type]
+        new_hi[:, idx] = torch.minimum(torch.cat(ups, 1), hi_flat[:, idx])  # type: ignore[arg-type]
+        return new_lo, new_hi
+
     def _crown_intermediate(self, ctx: _Ctx, chunk_bytes: int) -> None:
         """Tighten the interval of every relaxed node by a CROWN pass with identity spec."""
         for node in self.relaxed_inputs:
@@ -345,18 +366,7 @@ class BoundedModule:
             widest = max(r.lower[0].numel() for r in ctx.values.values() if isinstance(r, Interval))
             per_row = max(1, B * widest * itv.lower.element_size() * 4)
             chunk = max(1, min(idx.numel(), chunk_bytes // per_row))
-            lows, ups = [], []
-            for s in range(0, idx.numel(), chunk):
-                rows = idx[s : s + chunk]
-                A = torch.zeros(rows.numel(), n, device=lo_flat.device, dtype=lo_flat.dtype)
-                A[torch.arange(rows.numel(), device=rows.device), rows] = 1.0
-                A = A.reshape(-1, *shape).unsqueeze(0).expand(B, -1, *shape)
-                lb, ub = self.backward(ctx, node, A, A)
-                lows.append(lb)
-                ups.append(ub)
-            new_lo, new_hi = lo_flat.clone(), hi_flat.clone()
-            new_lo[:, idx] = torch.maximum(torch.cat(lows, 1), lo_flat[:, idx])  # type: ignore[arg-type]
-            new_hi[:, idx] = torch.minimum(torch.cat(ups, 1), hi_flat[:, idx])  # type: ignore[arg-type]
+            new_lo, new_hi = self.tighten_rows(ctx, node, idx, lo_flat, hi_flat, chunk)
             ctx.values[node] = Interval(new_lo.reshape(B, *shape), new_hi.reshape(B, *shape))
 
     def _only_relu_users(self, node: fx.Node) -> bool:

@@ -92,18 +92,7 @@ class ReluSplitBounder:
                     ctx.values[node] = Interval(lo_f.reshape(B, *shape), hi_f.reshape(B, *shape))
                     per_row = max(1, B * max(self.sizes + [int(lo[0].numel())]) * 16)
                     chunk = max(1, min(idx.numel(), self.chunk_bytes // per_row))
-                    lows, ups = [], []
-                    for s in range(0, idx.numel(), chunk):
-                        rows = idx[s:s + chunk]
-                        A = torch.zeros(rows.numel(), size, device=lo.device, dtype=lo.dtype)
-                        A[torch.arange(rows.numel(), device=lo.device), rows] = 1.0
-                        A = A.reshape(-1, *shape).unsqueeze(0).expand(B, -1, *shape)
-                        lb, ub = bm.backward(ctx, node, A, A)
-                        lows.append(lb)
-                        ups.append(ub)
-                    lo_f, hi_f = lo_f.clone(), hi_f.clone()
-                    lo_f[:, idx] = torch.maximum(torch.cat(lows, 1), lo_f[:, idx])
-                    hi_f[:, idx] = torch.minimum(torch.cat(ups, 1), hi_f[:, idx])
+                    lo_f, hi_f = bm.tighten_rows(ctx, node, idx, lo_f, hi_f, chunk)
                 if splits is not None:
                     sp = splits[:, off:off + size]
                     lo_f = torch.where(sp > 0, lo_f.clamp_min(0.0), lo_f)
