@@ -303,8 +303,11 @@ def _progress(progress: bool | Callable[[int], None], total: int):  # type: igno
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    console = Console(stderr=True)
+    if not console.is_terminal:  # CI logs and pipes: a transient bar would only leave blank lines
+        return None, lambda k: None
     bar = Progress(TextColumn("certifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True), transient=True)
+                   console=console, transient=True)
     task = bar.add_task("certify", total=total)
     bar.start()
     return bar, lambda k: bar.advance(task, k)

@@ -231,7 +231,7 @@ def command(model: str | None, data: str, norms: dict[str, float], method: str, 
 
     def say(msg: str) -> None:
         if rank == 0:
-            err.print(msg, highlight=False)
+            err.print(msg, highlight=False, soft_wrap=True)  # one log line per message in CI logs
 
     # -- model ---------------------------------------------------------------------------------
     x, y, info = load_npz(data, "train", n_train, mean=mean, std=std)

@@ -371,8 +371,11 @@ class _Bar:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        console = Console(stderr=True)
+        if not console.is_terminal:  # CI logs and pipes: the per-epoch lines are the progress report
+            return
         self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                          TextColumn("{task.fields[info]}"), console=Console(stderr=True), transient=True)
+                          TextColumn("{task.fields[info]}"), console=console, transient=True)
         self.p.start()
         self.t = self.p.add_task(desc, total=total, info="")
 
