@@ -28,6 +28,7 @@ import torch
 from certonnx.attacks.pgd import pgd_attack
 from certonnx.bounds import METHODS, BoundedModule, InputSet, margin_matrix
 from certonnx.certify.ort_check import OrtRunner, margin_violated
+from certonnx.errors import CertonnxError
 
 AUTO_CASCADE = ("ibp", "crown-ibp", "crown", "alpha-crown")
 STATUSES = ("verified", "falsified", "unknown")
@@ -84,6 +85,11 @@ def _predict(module: torch.nn.Module, x: torch.Tensor, batch_size: int, dev: tor
     return torch.cat(outs)
 
 
+# float32 has ~7 significant digits: with weights this large, rounding in the bound passes can
+# exceed the tolerance that makes bounds sound (found by fuzzing: a model with 5e36 weights)
+WEIGHT_LIMIT = 1e18
+
+
 def prepare_model(model: Any, x: torch.Tensor, device: str | torch.device
                   ) -> tuple[torch.device, torch.nn.Module, tuple[int, ...], tuple[float, float], bool]:
     """``(device, module, sample_shape, domain, was_training)`` for a CertModel or a bare module,
@@ -92,6 +98,11 @@ def prepare_model(model: Any, x: torch.Tensor, device: str | torch.device
     module = model.module if hasattr(model, "module") else model
     sample_shape = tuple(model.sample_shape) if hasattr(model, "sample_shape") else tuple(x.shape[1:])
     domain = tuple(model.domain) if hasattr(model, "domain") else (0.0, 1.0)
+    big = max((float(t.detach().abs().max()) for t in (*module.parameters(), *module.buffers())
+               if t.is_floating_point() and t.numel()), default=0.0)
+    if not big < WEIGHT_LIMIT:  # also NaN
+        raise CertonnxError(f"the model has weights of magnitude {big:.3g}: float32 bounds are not reliable beyond "
+                            f"{WEIGHT_LIMIT:.0e} (rounding errors exceed the margins), so certonnx refuses to certify it")
     was_training = module.training
     module.eval()
     module.to(dev)

@@ -40,7 +40,9 @@ class OrtRunner:
         inp = self.sess.get_inputs()[0]
         self.input_name = inp.name
         self.input_dims = list(inp.shape)
-        self.fixed_batch = isinstance(self.input_dims[0], int) and self.input_dims[0] == 1
+        b0 = self.input_dims[0] if self.input_dims else None
+        # a file exported with a fixed batch (1, or e.g. 3) is run in chunks of exactly that size
+        self.fixed_batch = int(b0) if isinstance(b0, int) and b0 > 0 else 0
         self.mean = None if mean is None else np.asarray(mean, dtype=np.float32)
         self.std = None if std is None else np.asarray(std, dtype=np.float32)
 
@@ -58,8 +60,14 @@ class OrtRunner:
         if all(d is not None for d in dims):
             x = x.reshape(x.shape[0], *dims)  # type: ignore[arg-type]
         if self.fixed_batch:
-            outs = [self.sess.run(None, {self.input_name: x[i : i + 1]})[0] for i in range(x.shape[0])]
-            out = np.concatenate([o.reshape(1, -1) for o in outs], 0)
+            k, n = self.fixed_batch, x.shape[0]
+            outs = []
+            for i in range(0, n, k):
+                chunk = x[i : i + k]
+                if chunk.shape[0] < k:  # pad the last chunk with copies of its last sample
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], k - chunk.shape[0], 0)], 0)
+                outs.append(self.sess.run(None, {self.input_name: chunk})[0].reshape(k, -1))
+            out = np.concatenate(outs, 0)[:n]
         else:
             out = self.sess.run(None, {self.input_name: x})[0]
         return np.asarray(out, dtype=np.float64).reshape(x.shape[0], -1)

@@ -15,9 +15,9 @@ from typing import Any
 
 import click
 
-from certonnx.commands.options import floats_option, norms_option
+from certonnx.commands.options import check_outputs, floats_option, norms_option
 from certonnx.errors import CertonnxError
-from certonnx.utils import atomic_write_bytes, check_writable
+from certonnx.utils import atomic_write_bytes
 
 _norms = norms_option
 _floats = floats_option
@@ -87,7 +87,7 @@ def _eps_max(value: str | None, norms: dict[str, float]) -> dict[str, float]:
               help="Memory budget per batch (e.g. 4G); methods over it fall back to cheaper ones, with a warning.")
 @click.option("--pgd-steps", type=click.IntRange(min=0), default=20, show_default=True, help="PGD steps per restart.")
 @click.option("--pgd-restarts", type=click.IntRange(min=1), default=1, show_default=True, help="PGD restarts.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of PGD's random starts.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of PGD's random starts.")
 def command(model: str, data: str, split: str, n: int | None, norms: dict[str, float], method: str,
             json_out: str | None, radius: bool, eps_max: str | None, plot: str | None, output: str | None,
             mean: list[float] | None, std: list[float] | None, batch_size: int, device: str,
@@ -116,12 +116,7 @@ def command(model: str, data: str, split: str, n: int | None, norms: dict[str, f
     if plot is not None:
         radius = True
     # every output path is checked before any work
-    src = Path(model).resolve()
-    for label, p in (("--json", json_out), ("--plot", plot), ("-o", output)):
-        if p is not None and p != "-":
-            if Path(p).resolve() == src:
-                raise CertonnxError(f"{label} would overwrite the input model {model}; choose another path")
-            check_writable(p)
+    check_outputs({"model": model, "--data": data}, {"--json": json_out, "--plot": plot, "-o": output})
     if output == "-":
         raise click.BadParameter("cannot write the model to stdout", param_hint="'-o'")
     eps_max_d = _eps_max(eps_max, norms) if radius else {}

@@ -14,8 +14,9 @@ from typing import Any
 
 import click
 
+from certonnx.commands.options import check_outputs
 from certonnx.errors import CertonnxError
-from certonnx.utils import atomic_write_bytes, check_writable
+from certonnx.utils import atomic_write_bytes
 
 
 def _requirements(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[Any]:
@@ -69,10 +70,7 @@ def command(model: str, requirements: list[Any], data: str | None, recertify: bo
     if recertify and data is None:
         raise click.BadParameter("--recertify needs --data FILE.npz", param_hint="'--recertify'")
     recertify = recertify or data is not None
-    if json_out not in (None, "-"):
-        if Path(json_out).resolve() == Path(model).resolve():
-            raise CertonnxError(f"--json would overwrite the input model {model}; choose another path")
-        check_writable(json_out)
+    check_outputs({"model": model, "--data": data}, {"--json": json_out})
     if not Path(model).is_file():
         raise CertonnxError(f"model file not found: {model}" if not Path(model).exists()
                             else f"model path is not a file: {model}")

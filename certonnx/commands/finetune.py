@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from certonnx.commands.options import floats_option, norms_option
+from certonnx.commands.options import check_outputs, floats_option, norms_option
 from certonnx.errors import CertonnxError
 from certonnx.utils import atomic_write_bytes, check_writable
 
@@ -149,7 +149,7 @@ def _method(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--eval-method", type=click.Choice(["auto", "ibp", "crown-ibp", "crown", "alpha-crown"]),
               default="auto", show_default=True, help="Bound method for the final certification.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data order, init and attacks.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of data order, init and attacks.")
 @click.option("--mean", callback=_floats, default=None, metavar="M[,M,...]",
               help="Per-channel mean when MODEL expects normalized input (ε stays in pixel space).")
 @click.option("--std", callback=_floats, default=None, metavar="S[,S,...]", help="Per-channel std (with --mean).")
@@ -210,13 +210,7 @@ def command(model: str | None, data: str, norms: dict[str, float], method: str, 
     if output == "-":
         raise click.BadParameter("cannot write the model to stdout", param_hint="'-o'")
     ckdir = Path(checkpoint_dir) if checkpoint_dir else Path(output + ".ckpt")
-    src = Path(model).resolve() if model else None
-    for label, p in (("-o", output), ("--json", json_out), ("--log-json", log_json)):
-        if p is None or p == "-":
-            continue
-        if src is not None and Path(p).resolve() == src:
-            raise CertonnxError(f"{label} would overwrite the input model {model}; choose another path")
-        check_writable(p)
+    check_outputs({"model": model, "--data": data}, {"-o": output, "--json": json_out, "--log-json": log_json})
     if ckdir.exists() and not ckdir.is_dir():
         raise CertonnxError(f"--checkpoint-dir {ckdir} exists and is not a directory")
     check_writable(ckdir / "last.pt" if ckdir.exists() else ckdir)  # (the parent must be writable to create it)

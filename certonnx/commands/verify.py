@@ -17,8 +17,9 @@ from typing import Any
 import click
 import numpy as np
 
+from certonnx.commands.options import check_outputs
 from certonnx.errors import CertonnxError
-from certonnx.utils import atomic_write_bytes, check_writable
+from certonnx.utils import atomic_write_bytes
 
 EXIT_CODES = {"sat": 0, "unsat": 0, "unknown": 0, "timeout": 0, "error": 1}
 
@@ -65,7 +66,7 @@ def run_verify(
               show_default=True,
               help="Bound method of the branch and bound: crown/alpha-crown split ReLUs with α/β optimisation "
                    "where possible (else input splits); crown-ibp/ibp split inputs.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the attack's random starts.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of the attack's random starts.")
 def command(model: str, prop: str, timeout: float, results_file: str | None, as_json: bool, method: str,
             seed: int) -> int:
     """Verify the VNN-LIB property PROP.vnnlib on MODEL.
@@ -79,8 +80,7 @@ def command(model: str, prop: str, timeout: float, results_file: str | None, as_
     The result word is the last stdout line (with --json, stdout is one JSON object). Exit code 0 for sat/unsat/unknown/timeout, non-zero
     (with one 'error:' line on stderr) for errors.
     """
-    if results_file is not None:
-        check_writable(results_file)
+    check_outputs({"model": model, "property": prop}, {"--results-file": results_file})
     try:
         result, cex, details = run_verify(model, prop, timeout, method=method, seed=seed)
     except CertonnxError:
