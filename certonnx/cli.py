@@ -53,12 +53,24 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
+def _group_options(args: list[str]) -> list[str]:
+    """The arguments before the command name: only there is ``--debug`` the group's flag. Later it
+    is a value or an unknown option (``certify m.onnx --split --debug`` must not turn a one-line
+    error into a traceback)."""
+    out = []
+    for a in args:
+        if not a.startswith("-") or a == "--":
+            break
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry: one-line errors, non-zero exit codes, tracebacks only with --debug."""
     from certonnx.errors import CertonnxError
 
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
+    debug = "--debug" in _group_options(args)
     try:
         rv = cli.main(args=args, prog_name="certonnx", standalone_mode=False)
         if isinstance(rv, int):
@@ -92,9 +104,26 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - last line of defence: never a bare traceback
         if debug:
             raise
-        click.echo(f"error: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", err=True)
+        if _out_of_memory(e):
+            click.echo("error: out of memory (try a smaller --batch-size or a cheaper --method)", err=True)
+            return 3
+        # torch's C++ errors carry a stack of frames: keep the first line, and one line in all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        msg = " ".join(first.split())
+        msg = msg if len(msg) <= 300 else msg[:297] + "..."
+        click.echo(f"error: internal error: {type(e).__name__}: {msg} (rerun with --debug for details)", err=True)
         return 1
     return 0
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """torch reports a failed allocation as ``torch.OutOfMemoryError`` (CUDA) or a RuntimeError
+    from its CPU allocator, not as MemoryError."""
+    text = str(e)
+    return type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and ("DefaultCPUAllocator: can't allocate memory" in text
+                                         or "CUDA out of memory" in text)
+    )
 
 
 if __name__ == "__main__":

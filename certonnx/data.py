@@ -7,8 +7,12 @@ meant for [0, 1], labels shifted by one, NHWC fed as NCHW), so every such proble
 
 from __future__ import annotations
 
+import math
 import os
+import struct
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,9 @@ from certonnx.errors import DataError
 from certonnx.utils import sha256_arrays
 
 __all__ = ["load_npz", "find_data", "data_dir", "check_against_model", "normalize_arrays"]
+
+#: labels are class indices; more classes than this is a corrupt or wrong label array
+MAX_CLASSES = 100_000
 
 
 def data_dir() -> Path | None:
@@ -38,6 +45,43 @@ def find_data(name: str) -> Path | None:
         return None
     p = d / name
     return p if p.exists() else None
+
+
+#: what reading a corrupt archive can raise: zipfile raises BadZipFile, NotImplementedError
+#: (unknown compression or zip version), RuntimeError (an "encrypted" flag bit), zlib.error,
+#: struct.error, KeyError; numpy raises ValueError (object arrays with allow_pickle=False, bad
+#: headers), EOFError, and tokenize.TokenError / SyntaxError from parsing a mangled header
+_READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, struct.error, KeyError,
+                NotImplementedError, RuntimeError, OverflowError, tokenize.TokenError, SyntaxError)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= 300 else msg[:297] + "..."
+
+
+def _check_declared_size(npz: Any, key: str) -> None:
+    """Compare the shape an array's ``.npy`` header declares with the bytes its archive member
+    really holds, before numpy allocates the declared size (a 60-byte file can declare a
+    10^12-element array)."""
+    name = key if key in npz.zip.namelist() else f"{key}.npy"
+    info = npz.zip.getinfo(name)
+    with npz.zip.open(name) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            return  # newer formats: numpy's own reader checks them
+        header = f.tell()
+    if dtype.hasobject:
+        return  # refused by allow_pickle=False when read
+    need = math.prod(int(d) for d in shape) * dtype.itemsize
+    have = info.file_size - header
+    if need > have:
+        raise DataError(f"array {key!r} declares shape {tuple(shape)} of {dtype} ({need:,} bytes) but the file "
+                        f"holds {max(have, 0):,} bytes: truncated or corrupt")
 
 
 def _pick_keys(keys: Sequence[str], split: str) -> tuple[str, str]:
@@ -91,16 +135,21 @@ def load_npz(
         raise DataError(f"data path is not a file: {p}")
     try:
         npz = np.load(p, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"{p} is not a readable .npz file ({type(e).__name__}: {e})") from e
+    except _READ_ERRORS as e:
+        raise DataError(f"{p} is not a readable .npz file ({type(e).__name__}: {_one_line(e)})") from e
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise DataError(f"{p} is a single .npy array, not an .npz archive with x/y arrays")
     with npz:
         kx, ky = _pick_keys(list(npz.files), split)
         try:
+            for k in (kx, ky):
+                _check_declared_size(npz, k)
             xa, ya = npz[kx], npz[ky]
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-            raise DataError(f"cannot read arrays {kx}/{ky} from {p}: {e}") from e
+        except _READ_ERRORS as e:
+            raise DataError(f"cannot read arrays {kx}/{ky} from {p} ({type(e).__name__}: {_one_line(e)})") from e
+    for k, a in ((kx, xa), (ky, ya)):
+        if a.ndim == 0:
+            raise DataError(f"{k} is a single value of shape (), not an array with one entry per sample")
     if n is not None:
         if n <= 0:
             raise DataError(f"--n must be positive, got {n}")
@@ -138,6 +187,10 @@ def _convert(
         raise DataError(f"{ky} holds negative labels (min {ya.min()})")
     if num_classes is not None and np.any(ya >= num_classes):
         raise DataError(f"{ky} holds label {int(ya.max())} but the model has {num_classes} classes")
+    if np.any(ya >= MAX_CLASSES):
+        # training from scratch sizes the last layer by the largest label: 2**63 - 1 would
+        # overflow torch, and 10**9 would allocate a 400 GB layer
+        raise DataError(f"{ky} holds label {int(ya.max())}: class labels must be indices below {MAX_CLASSES:,}")
     if xa.dtype == np.uint8:
         x = xa.astype(np.float32) / 255.0
         scale = "uint8 / 255"

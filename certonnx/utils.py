@@ -6,6 +6,7 @@ checkpoint behind: we write to a temporary file in the same directory, fsync, th
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import tempfile
@@ -29,10 +30,45 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temp files that earlier writers of ``path`` left when they were killed between
+    creating the temp file and the rename (SIGKILL, OOM killer, power loss): they are named
+    ``.<name>.<pid>.<random>.tmp``; only those whose process no longer exists are removed."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    removed = []
+    for t in parent.glob(f".{glob.escape(p.name)}.*.tmp"):
+        pid_text = t.name[len(p.name) + 2:].split(".", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
+            continue
+        try:
+            t.unlink()
+            removed.append(t)
+        except OSError:
+            pass
+    return removed
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename).
+
+    A process killed mid-write leaves ``path`` as it was (absent or the previous complete file)
+    plus a hidden ``.<name>.<pid>.<random>.tmp``; the next successful write of ``path`` removes
+    such leftovers (:func:`remove_stale_temps`).
+    """
     p = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp",
+                               dir=p.parent if str(p.parent) else ".")
     try:
         umask = os.umask(0)  # mkstemp creates 0600 files; give outputs the usual permissions
         os.umask(umask)
@@ -48,6 +84,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         except OSError:
             pass
         raise OutputPathError(f"cannot write {p}: {e.strerror or e}") from e
+    remove_stale_temps(p)
     return p
 
 

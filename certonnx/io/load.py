@@ -59,12 +59,45 @@ def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelLoadError(f"{p} is not an ONNX model (protobuf parse error: {one_line(e)})") from e
     if model.ir_version <= 0 or not model.HasField("graph") or len(model.graph.node) == 0:
         raise ModelLoadError(f"{p} is not an ONNX model (no graph); is the file truncated or of another format?")
+    bad = _non_utf8_field(model)
+    if bad is not None:
+        raise ModelLoadError(f"{p} is not a valid ONNX model: {bad} is not UTF-8 text; is the file corrupt?")
     _load_external_data(model, p)
     try:
         onnx.checker.check_model(model)
     except Exception as e:  # noqa: BLE001 - onnx.checker.ValidationError and friends
         raise ModelLoadError(f"{p} fails the ONNX checker: {one_line(e)}") from e
     return model
+
+
+def _non_utf8_field(model: onnx.ModelProto) -> str | None:
+    """Where a string field holds bytes that are not UTF-8, or None.
+
+    protobuf parses such a field without complaint and hands back ``bytes`` instead of ``str``
+    (one flipped byte in ``producer_version`` is enough); every later ``" ".join`` or f-string
+    would then fail far from the cause. Walks the messages only: tensor data are ``bytes`` fields
+    and are skipped.
+    """
+    from google.protobuf.descriptor import FieldDescriptor as FD
+
+    def repeated(fd: Any) -> bool:
+        r = getattr(fd, "is_repeated", None)
+        return bool(r) if r is not None else fd.label == FD.LABEL_REPEATED
+
+    stack: list[tuple[Any, str]] = [(model, "model")]
+    while stack:
+        msg, where = stack.pop()
+        for fd, value in msg.ListFields():
+            if fd.type == FD.TYPE_STRING:
+                for v in (value if repeated(fd) else (value,)):
+                    if not isinstance(v, str):
+                        return f"{where}.{fd.name}"
+            elif fd.type == FD.TYPE_MESSAGE:
+                if repeated(fd):
+                    stack.extend((sub, f"{where}.{fd.name}[{k}]") for k, sub in enumerate(value))
+                else:
+                    stack.append((value, f"{where}.{fd.name}"))
+    return None
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -218,7 +251,8 @@ class _Recorder(fx.Interpreter):
 
 
 def _close(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> bool:
-    return a.shape == b.shape and bool(np.all(np.abs(a - b) <= atol + rtol * np.abs(b)))
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a broken graph: simply "not close"
+        return a.shape == b.shape and bool(np.all(np.abs(a - b) <= atol + rtol * np.abs(b)))
 
 
 def diverging_node(
@@ -255,7 +289,8 @@ def diverging_node(
             r = np.asarray(ref[name])
             if t.shape != r.shape or not _close(t, r, atol, rtol):
                 node = producer[name]
-                diff = float(np.max(np.abs(t - r))) if t.shape == r.shape else float("inf")
+                with np.errstate(invalid="ignore", over="ignore"):
+                    diff = float(np.max(np.abs(t - r))) if t.shape == r.shape else float("inf")
                 return (node.name or name, node.op_type, diff)
     return None
 
@@ -267,7 +302,11 @@ def parity(
 ) -> float:
     """Max abs difference torch vs onnxruntime over ``n`` random inputs (in batches of
     ``batches``); raises ParityError naming the first diverging node when out of tolerance."""
-    sess = P.ort_session(model.SerializeToString())
+    try:
+        sess = P.ort_session(model.SerializeToString())
+    except Exception as e:  # noqa: BLE001 - onnxruntime's Fail / NotImplemented / InvalidGraph
+        raise ModelLoadError(f"onnxruntime cannot load the {what.replace('imported torch graph', 'model')}: "
+                             f"{one_line(e)}") from e
     iname = sess.get_inputs()[0].name
     rng = np.random.default_rng(seed)
     lo, hi = domain
@@ -300,6 +339,10 @@ def parity(
         if out.shape != ref.shape:
             raise ParityError(f"{what}: output shape {tuple(out.shape)} but onnxruntime gives {tuple(ref.shape)} "
                               f"for batch {x.shape[0]}")
+        if ref.dtype.kind == "f" and not np.all(np.isfinite(ref)):
+            # nothing to certify, and NaN would only show up as "differs by nan" below
+            raise ModelLoadError(f"onnxruntime computes NaN or infinite outputs for random inputs in "
+                                 f"[{lo:g}, {hi:g}] (batch {x.shape[0]}); are the weights corrupt?")
         diff = float(np.max(np.abs(out - ref))) if out.size else 0.0
         worst = max(worst, diff)
         if not _close(out, ref, atol, rtol) or not np.all(np.isfinite(out)) and np.all(np.isfinite(ref)):
@@ -339,6 +382,11 @@ def load(
 
     model, notes = P.run_passes(src)
     inp = P.check_single_float_input(model)
+    if inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        # the parity gate, the bounds and training all run in float32; feeding float32 to a
+        # float16/double graph would only fail later with an onnxruntime type error
+        tname = P.type_name(inp.type.tensor_type.elem_type)
+        raise ModelLoadError(f"input {inp.name!r} has type {tname}; certonnx needs a float32 (FLOAT) input")
     sample_shape = _dims(inp)[1:]
     if any(d is None for d in sample_shape):
         raise ModelLoadError(
@@ -362,6 +410,15 @@ def load(
             ) from e
     if not isinstance(y, torch.Tensor):
         raise ModelLoadError("the converted model does not return a single tensor")
+    if y.dim() == 0 or y.shape[0] != 2:
+        # e.g. a Reshape to [-1, k] that folds features into the first dimension: outputs no longer
+        # belong to samples, so nothing per sample can be certified
+        raise ModelLoadError(f"the model maps a batch of 2 inputs to an output of shape {list(y.shape)}: its first "
+                             "dimension must stay the batch (does a Reshape mix samples?)")
+    if not torch.is_floating_point(y):
+        # e.g. an ArgMax label: there are no scores (margins) to bound
+        raise ModelLoadError(f"the model's output {model.graph.output[0].name!r} has type {y.dtype} "
+                             "(labels?); certonnx needs float scores such as logits")
     out_shape: tuple[int | None, ...] = (None, *(int(d) for d in y.shape[1:]))
 
     diff: float | None = None

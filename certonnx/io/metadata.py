@@ -147,6 +147,34 @@ def _as_model(path_or_model: str | os.PathLike[str] | onnx.ModelProto | bytes) -
     return read_model(Path(path_or_model))
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _malformed(cert: dict[str, Any]) -> str | None:
+    """What is wrong with the types of a certificate's known keys (None when nothing). The
+    metadata is plain text anyone can edit; readers (inspect, check) must not crash on
+    ``"norms": "x"``."""
+    for key in ("norms", "certified_accuracy", "pgd_accuracy"):
+        v = cert.get(key)
+        if v is None and key != "norms":
+            continue
+        if key in cert and not (isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items())):
+            return f"{key!r} must be an object of numbers, got {json.dumps(v)[:60]}"
+    for key in ("clean_accuracy", "union_certified_accuracy"):
+        if cert.get(key) is not None and not _is_number(cert[key]):
+            return f"{key!r} must be a number, got {json.dumps(cert[key])[:60]}"
+    if "n" in cert and not (isinstance(cert["n"], int) and not isinstance(cert["n"], bool) and cert["n"] >= 0):
+        return f"'n' must be a sample count, got {json.dumps(cert['n'])[:60]}"
+    for key in ("schema", "weights_sha256", "graph_sha256", "method", "verifier", "created", "dataset_sha256"):
+        if cert.get(key) is not None and not isinstance(cert[key], str):
+            return f"{key!r} must be a string, got {json.dumps(cert[key])[:60]}"
+    for key in ("input_space", "extra"):
+        if cert.get(key) is not None and not isinstance(cert[key], dict):
+            return f"{key!r} must be an object, got {json.dumps(cert[key])[:60]}"
+    return None
+
+
 def read_certificate(path_or_model: str | os.PathLike[str] | onnx.ModelProto | bytes) -> dict[str, Any] | None:
     """The certificate stored in a model, or None when it has none.
 
@@ -165,6 +193,9 @@ def read_certificate(path_or_model: str | os.PathLike[str] | onnx.ModelProto | b
         raise ModelLoadError(f"the {KEY_CERTIFICATE} metadata is not valid JSON: {e}") from e
     if not isinstance(cert, dict):
         raise ModelLoadError(f"the {KEY_CERTIFICATE} metadata is not a JSON object")
+    bad = _malformed(cert)
+    if bad:
+        raise ModelLoadError(f"the {KEY_CERTIFICATE} metadata is malformed: {bad}")
     fp = cert.get("weights_sha256")
     cert["weights_match"] = bool(fp) and fp == weights_fingerprint(model)
     gfp = cert.get("graph_sha256")

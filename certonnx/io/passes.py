@@ -24,6 +24,7 @@ Why these passes exist:
 from __future__ import annotations
 
 import copy
+import math
 from collections import Counter
 from collections.abc import Callable
 
@@ -39,6 +40,14 @@ TARGET_OPSET = 17
 MAX_OPSET = 18
 MIN_OPSET = 7
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+#: Size limits checked before anything is allocated (:func:`check_sizes`). Far above what any
+#: verifier handles (a 3x1024x1024 image has 3 M values), and low enough that a corrupt or hostile
+#: file declaring a 10^9-wide input or a 40 GB intermediate gets a one-line error instead of
+#: an 8 GB ``torch.zeros`` that has the process OOM-killed.
+MAX_SAMPLE_VALUES = 1 << 24
+MAX_TENSOR_BYTES = 1 << 28
+#: largest tensor rank an ``axis``/``axes`` attribute may refer to
+MAX_RANK = 64
 #: ops whose outputs are (small) integer shape-like values and can be folded when their
 #: inputs are constants or shapes of tensors
 SHAPE_OPS = {
@@ -141,6 +150,145 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - shape inference is best effort
         return copy.deepcopy(model)
+
+
+def type_name(elem_type: int) -> str:
+    """``FLOAT``, ``INT64``, ...; a corrupt file may hold a number no enum value has."""
+    try:
+        return str(TensorProto.DataType.Name(elem_type))
+    except ValueError:
+        return f"{elem_type} (no such type)"
+
+
+def _itemsize(elem_type: int) -> int:
+    try:
+        return int(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize)
+    except Exception:  # noqa: BLE001 - undefined / string / exotic types
+        return 4
+
+
+def _fmt_dims(dims: list[int | str]) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+_KNOWN_TYPES = set(TensorProto.DataType.values()) - {TensorProto.UNDEFINED}
+#: sub-byte element types: raw data packs 8 // bits values per byte
+_PACKED_BITS = {getattr(TensorProto, n): b for n, b in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2),
+                                                         ("UINT2", 2)) if hasattr(TensorProto, n)}
+
+
+def _raw_bytes(dims: list[int], elem_type: int) -> int | None:
+    """Bytes the raw data of a tensor of this shape and type must hold (None: variable, e.g. strings)."""
+    if elem_type == TensorProto.STRING or elem_type not in _KNOWN_TYPES:
+        return None
+    n = math.prod(int(d) for d in dims)
+    bits = _PACKED_BITS.get(elem_type)
+    if bits is not None:
+        return -(-n * bits // 8)
+    try:
+        return n * int(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize)
+    except Exception:  # noqa: BLE001 - a type numpy cannot represent: let onnx decide later
+        return None
+
+
+def check_sizes(model: onnx.ModelProto) -> None:
+    """Refuse declared sizes no model certonnx can handle, before anything is allocated.
+
+    Checked: every sample dimension of the real inputs (positive, at most
+    :data:`MAX_SAMPLE_VALUES` values per sample), and the per-sample size of every initializer,
+    ``Constant`` tensor and shape-inferred value (at most :data:`MAX_TENSOR_BYTES`; symbolic
+    dimensions count as 1). A file can declare ``dims = [4, 10**12]`` with 16 bytes of data, or
+    an ``Expand`` to 10^10 values: both would otherwise be allocated by onnxruntime or torch.
+    """
+    for inp in real_inputs(model):
+        tt = inp.type.tensor_type
+        if not inp.type.HasField("tensor_type") or not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+        n = 1
+        for k, d in enumerate(dims[1:], 1):
+            if isinstance(d, int):
+                if d <= 0:
+                    raise ModelLoadError(f"input {inp.name!r} has shape {_fmt_dims(dims)}: dimension {k} is {d}, "
+                                         "every sample dimension must be positive")
+                n *= d
+        if n > MAX_SAMPLE_VALUES:
+            raise ModelLoadError(f"input {inp.name!r} has shape {_fmt_dims(dims)}: {n:,} values per sample, more "
+                                 f"than certonnx handles ({MAX_SAMPLE_VALUES:,}); is the file corrupt?")
+        # a fixed batch is how the file must be run (onnxruntime re-checks run it in chunks of that
+        # size): a whole fixed-shape input must be as small as one sample may be
+        if dims and isinstance(dims[0], int) and (dims[0] < 0 or dims[0] * n > MAX_SAMPLE_VALUES):
+            raise ModelLoadError(f"input {inp.name!r} has shape {_fmt_dims(dims)}: a fixed batch of {dims[0]:,} is "
+                                 f"not usable (at most {MAX_SAMPLE_VALUES:,} values per run); is the file corrupt?")
+
+    def too_big(dims: list[int], elem_type: int) -> int | None:
+        n = 1
+        for d in dims:
+            n *= max(int(d), 1)
+        b = n * _itemsize(elem_type)
+        return b if b > MAX_TENSOR_BYTES else None
+
+    def tensors() -> list[tuple[str, onnx.TensorProto]]:
+        out = [("initializer", t) for t in model.graph.initializer]
+        for nd in model.graph.node:
+            for a in nd.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    label = nd.name or (nd.output[0] if nd.output else "?")
+                    out.append((f"{nd.op_type} node {label!r}:", a.t))
+        return out
+
+    for what, t in tensors():
+        b = too_big(list(t.dims), t.data_type)
+        if b is not None:
+            raise ModelLoadError(f"{what} {t.name!r} declares shape {_fmt_dims(list(t.dims))} ({b:,} bytes), more "
+                                 f"than certonnx handles ({MAX_TENSOR_BYTES:,} bytes per tensor); is the file corrupt?")
+        if t.data_type not in _KNOWN_TYPES:
+            raise ModelLoadError(f"{what} {t.name!r} has element type {type_name(t.data_type)}; is the file corrupt?")
+        # the checker refuses too little raw data; too much means the shape or type is wrong too (the
+        # converter would fail later with a numpy reshape error blamed on the consuming op)
+        need = _raw_bytes(list(t.dims), t.data_type)
+        if t.HasField("raw_data") and need is not None and len(t.raw_data) != need:
+            raise ModelLoadError(f"{what} {t.name!r} holds {len(t.raw_data):,} bytes but declares shape "
+                                 f"{_fmt_dims(list(t.dims))} of {type_name(t.data_type)} ({need:,} bytes); "
+                                 "is the file corrupt?")
+    # element types no ONNX type has (a flipped byte): readers of the declared types would crash
+    for kind, vis in (("input", model.graph.input), ("output", model.graph.output)):
+        for vi in vis:
+            et = vi.type.tensor_type.elem_type
+            if vi.type.HasField("tensor_type") and et not in _KNOWN_TYPES:
+                raise ModelLoadError(f"{kind} {vi.name!r} has element type {type_name(et)}; is the file corrupt?")
+    # an axis far beyond any rank: onnx2torch's Gather builds a list of `axis` slices (10^9 of them: 8 GB)
+    for nd in model.graph.node:
+        for a in nd.attribute:
+            if a.name in ("axis", "axes") and any(abs(int(v)) > MAX_RANK for v in [a.i, *a.ints]):
+                v = a.i if a.type == onnx.AttributeProto.INT else list(a.ints)
+                raise ModelLoadError(f"node {nd.name or (nd.output[0] if nd.output else '?')!r} ({nd.op_type}) has "
+                                     f"{a.name}={v}: no tensor has that many dimensions; is the file corrupt?")
+    # Range's length depends on its values, which shape inference does not look at
+    inits = _initializers(model)
+    for nd in model.graph.node:
+        if nd.op_type == "Range" and nd.domain in ("", "ai.onnx") and len(nd.input) == 3 and all(
+            i in inits for i in nd.input
+        ):
+            try:
+                start, limit, delta = (float(numpy_helper.to_array(inits[i]).reshape(-1)[0]) for i in nd.input)
+                count = math.ceil((limit - start) / delta) if delta != 0 else 0
+            except (ValueError, IndexError, OverflowError, ZeroDivisionError):
+                continue
+            if count * _itemsize(inits[nd.input[0]].data_type) > MAX_TENSOR_BYTES:
+                raise ModelLoadError(f"Range node {nd.name or nd.output[0]!r} would produce {count:,} values, more "
+                                     f"than certonnx handles ({MAX_TENSOR_BYTES:,} bytes per tensor)")
+    inferred = infer_shapes(model)
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
+        b = too_big(dims, tt.elem_type)
+        if b is not None:
+            shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+            raise ModelLoadError(f"value {vi.name!r} would have shape {_fmt_dims(shown)} ({b:,} bytes per sample), "
+                                 f"more than certonnx handles ({MAX_TENSOR_BYTES:,} bytes per tensor)")
 
 
 def clear_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -353,7 +501,7 @@ def check_single_float_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
         raise ModelLoadError(f"the model has {len(ins)} inputs ({names}); certonnx needs exactly one")
     et = ins[0].type.tensor_type.elem_type
     if not ins[0].type.HasField("tensor_type") or et not in FLOAT_TYPES:
-        tname = TensorProto.DataType.Name(et) if et else "non-tensor"
+        tname = type_name(et) if et else "non-tensor"
         raise ModelLoadError(f"input {ins[0].name!r} has type {tname}; certonnx needs a float input")
     return ins[0]
 
@@ -548,6 +696,7 @@ def run_passes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """Run the import pipeline; returns the rewritten model and notes on what changed."""
     notes: list[str] = []
     m = model
+    check_sizes(m)  # before any pass or onnxruntime run allocates what the file declares
     v0 = main_opset(m)
     for name, fn in PASSES:
         before = m.SerializeToString(deterministic=True)
@@ -565,4 +714,5 @@ def run_passes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     if len(m.graph.node) != before:
         notes.append(f"folded {before - len(m.graph.node)} shape nodes")
     m = fix_reshape_allowzero(m)
+    check_sizes(m)  # folded shapes may now be known
     return m, notes
