@@ -191,7 +191,20 @@ def test_memory_fallback_warns() -> None:
     assert torch.isfinite(lb).all()
 
 
-@pytest.mark.parametrize("arch", ["conv-bn", "linear3d-bn"])
+class _MatMulBN(nn.Module):
+    """``x @ W`` by a constant (ONNX MatMul) followed by BatchNorm1d over its outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(12, 7) * 0.4)
+        self.bn = nn.BatchNorm1d(7)
+        self.fc = nn.Linear(7, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(torch.flatten(x, 1) @ self.w)))
+
+
+@pytest.mark.parametrize("arch", ["conv-bn", "linear3d-bn", "matmul-bn"])
 def test_batchnorm_folding_matches_unfolded_ibp(arch: str) -> None:
     """IBP folds an eval-mode BatchNorm into the Conv/Linear before it (fewer element-wise
     passes). The fold is exact, so bounds must equal the unfolded ones and stay sound; a Linear
@@ -201,6 +214,9 @@ def test_batchnorm_folding_matches_unfolded_ibp(arch: str) -> None:
         model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                               nn.Linear(4 * 4 * 4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
         shape: tuple[int, ...] = (1, 6, 6)
+    elif arch == "matmul-bn":
+        model = _MatMulBN()
+        shape = (3, 4)
     else:
         model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(24, 5))
         shape = (4, 5)
@@ -218,7 +234,7 @@ def test_batchnorm_folding_matches_unfolded_ibp(arch: str) -> None:
     lb, ub = bm.compute(inset, None, "ibp")  # second call: folded (shapes known), cached weights
     ctx = bm.ibp_pass(inset)
     folded = [n for n in bm._bn_pairs if not isinstance(ctx.values[n], Interval)]
-    assert len(folded) == (2 if arch == "conv-bn" else 0)
+    assert len(folded) == {"conv-bn": 2, "matmul-bn": 1, "linear3d-bn": 0}[arch]
     ref = BoundedModule(model, shape)
     ref._bn_pairs = {}
     lr, ur = ref.compute(inset, None, "ibp")
@@ -227,7 +243,7 @@ def test_batchnorm_folding_matches_unfolded_ibp(arch: str) -> None:
     assert_sound(model, torch.eye(K).expand(3, K, K), inset, lb, ub, n_samples=5000, label=f"bn-fold/{arch}")
     # a weight update must invalidate the cached folded weights
     with torch.no_grad():
-        model[0].weight.mul_(0.5)
+        (model.w if arch == "matmul-bn" else model[0].weight).mul_(0.5)
     lb2, _ = bm.compute(inset, None, "ibp")
     lr2, _ = ref.compute(inset, None, "ibp")
     assert torch.allclose(lb2, lr2, atol=1e-5)

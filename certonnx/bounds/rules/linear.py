@@ -51,6 +51,11 @@ class _WeightedRule(Rule):
     def rownorm(self, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def per_output(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``v`` (one value per output channel) shaped to broadcast against ``w``: outputs are
+        ``w``'s first axis for Linear/Conv."""
+        return v.view(-1, *([1] * (w.ndim - 1)))
+
     def check(self, gm) -> None:  # type: ignore[no-untyped-def]
         if len(self.pert) != 1 or self.pert[0] != 0:
             raise UnsupportedOpError(self.label, self.node.name, "weights must not depend on the input")
@@ -70,8 +75,7 @@ class _WeightedRule(Rule):
         if not grad and c is not None and len(c[0]) == len(full_key) and all(
                 a is k if isinstance(k, torch.Tensor) else a == k for a, k in zip(c[0], full_key)):
             return c[1]
-        s = scale.view(-1, *([1] * (w.ndim - 1))) if not isinstance(self, MatMulRule) else scale.view(1, -1)
-        wf = w * s
+        wf = w * self.per_output(scale, w)
         bf = shift if b is None else b * scale + shift
         if not grad:
             wf, bf = wf.detach(), bf.detach()
@@ -147,10 +151,14 @@ class MatMulRule(_WeightedRule):
         return w, None
 
     def apply(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        return x.matmul(w)
+        # b is None for the op itself, but a folded BatchNorm (fused_weight_bias) brings a shift
+        return x.matmul(w) if b is None else x.matmul(w) + b
 
     def rownorm(self, w: torch.Tensor) -> torch.Tensor:
         return w.norm(dim=0)
+
+    def per_output(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return v.view(1, -1)  # x @ W: outputs are W's columns
 
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
         w, _ = self.weight_bias(vals)
