@@ -77,7 +77,8 @@ def command(model: str, requirements: list[Any], data: str | None, recertify: bo
 
     cert = read_certificate(model)
     fresh: dict[str, Any] | None = None
-    if recertify:
+    tampered = cert is not None and (not cert.get("weights_match") or cert.get("graph_match") is False)
+    if recertify and not tampered:  # a modified file fails anyway: no need to certify it first
         fresh = _recertify(model, str(data), recertify_norms(requirements, cert), split=split, n=n,
                            method=method.lower(), batch_size=batch_size, device=device, quiet=quiet or json_out == "-")
     verdict = check_certificate(cert, requirements, fresh)
