@@ -21,9 +21,16 @@ import numpy as np
 import torch
 
 from certonnx.errors import DataError
+from certonnx.layout import (
+    TO_CHANNELS_FIRST,
+    TO_CHANNELS_LAST,
+    apply_layout,
+    looks_channels_last,
+    plan_layout,
+)
 from certonnx.utils import sha256_arrays
 
-__all__ = ["load_npz", "find_data", "data_dir", "check_against_model", "normalize_arrays"]
+__all__ = ["load_npz", "find_data", "data_dir", "check_against_model", "as_stored", "normalize_arrays"]
 
 #: labels are class indices; more classes than this is a corrupt or wrong label array
 MAX_CLASSES = 100_000
@@ -95,20 +102,25 @@ def _pick_keys(keys: Sequence[str], split: str) -> tuple[str, str]:
     )
 
 
-def _layout(x: np.ndarray) -> tuple[np.ndarray, str]:
-    """Bring images to NCHW (the ONNX convention); report which layout was found."""
+def _layout(x: np.ndarray) -> tuple[np.ndarray, str, str]:
+    """Bring images to NCHW (the ONNX convention); report which layout was found and how the
+    array was changed (``"nhwc"``: transposed, ``"channel"``: a channel axis added, ``""``: not).
+
+    This canonical form is only a starting point (and the input shape ``--arch`` models are
+    built for): :func:`check_against_model` undoes it exactly and fits the data *as stored* to
+    the model's input, so a model that takes NHWC gets the NHWC pixels untouched.
+    """
     if x.ndim == 1:
         raise DataError(f"x must have a sample dimension and features, got shape {x.shape}")
     if x.ndim == 2:
-        return x, "NF (flat features)"
+        return x, "NF (flat features)", ""
     if x.ndim == 3:
-        return x[:, None], "NHW (grayscale, channel added)"
+        return x[:, None], "NHW (grayscale, channel added)", "channel"
     if x.ndim == 4:
-        c_last, c_first = x.shape[3], x.shape[1]
-        if c_last in (1, 3, 4) and c_first not in (1, 3, 4):
-            return np.transpose(x, (0, 3, 1, 2)), "NHWC (converted to NCHW)"
-        return x, "NCHW"
-    return x, f"N + {x.ndim - 1} dims"
+        if looks_channels_last(x.shape[1:]):
+            return np.transpose(x, TO_CHANNELS_FIRST), "NHWC (converted to NCHW)", "nhwc"
+        return x, "NCHW", ""
+    return x, f"N + {x.ndim - 1} dims", ""
 
 
 def load_npz(
@@ -210,7 +222,8 @@ def _convert(
             hint = hint or " (looks already normalized: store raw pixels and pass --mean/--std)"
             raise DataError(f"{kx} values lie in [{lo:.3g}, {hi:.3g}], expected [0, 1]{hint}")
         scale = "float (as stored)"
-    x, layout = _layout(x)
+    stored_shape = list(x.shape[1:])
+    x, layout, changed = _layout(x)
     info: dict[str, Any] = {
         "path": str(p),
         "keys": [kx, ky],
@@ -219,6 +232,10 @@ def _convert(
         "scale": scale,
         "layout": layout,
         "sample_shape": list(x.shape[1:]),
+        # how the file stores one sample, and what _layout did to it (undone by check_against_model)
+        "stored_shape": stored_shape,
+        "stored_layout": layout.split(" (")[0],
+        "canonical": changed,
         "sha256": sha,
         "num_labels": int(ya.max()) + 1,
     }
@@ -227,25 +244,66 @@ def _convert(
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(ya.astype(np.int64)), info
 
 
-def check_against_model(x: torch.Tensor, sample_shape: Sequence[int]) -> tuple[torch.Tensor, str]:
+def as_stored(x: torch.Tensor, info: dict[str, Any] | None) -> torch.Tensor:
+    """``x`` from :func:`load_npz` back in the layout of the file (exact inverse of the NCHW
+    conversion, a view); ``x`` itself when ``info`` is None or does not describe it."""
+    if not info or list(x.shape[1:]) != list(info.get("sample_shape", [])):
+        return x
+    if info.get("canonical") == "nhwc" and x.ndim == 4:
+        return x.permute(*TO_CHANNELS_LAST)
+    if info.get("canonical") == "channel" and x.ndim >= 2 and x.shape[1] == 1:
+        return x[:, 0]
+    return x
+
+
+def check_against_model(
+    x: torch.Tensor, sample_shape: Sequence[int], info: dict[str, Any] | None = None
+) -> tuple[torch.Tensor, str]:
     """Fit the data to the model's per-sample input shape, or say clearly why not.
 
-    Same number of values per sample (e.g. 28x28 images for a ``(784,)`` or ``(784, 1)``
-    MLP input, or NHWC data with a layout the heuristic could not tell): reshape in C order and
-    say so. Anything else is a DataError naming both shapes.
+    With ``info`` from :func:`load_npz` the data is first taken back to its stored layout, so
+    it reaches the model exactly as onnxruntime would receive it from the user: as stored when
+    that is already the model's shape; transposed when only the channel axis sits elsewhere
+    (NHWC data, NCHW model or the reverse), never reshaped; reshaped only when that is a pure
+    re-view in the same element order (e.g. 28x28 images for a ``(784,)`` MLP input). The
+    rules are those of :mod:`certonnx.layout`. Anything else is a DataError naming both shapes.
+    The note says what was done beyond load_npz's own NCHW conversion ("" when nothing);
+    ``info["layout"]`` is updated to what the model gets.
     """
     want = tuple(int(d) for d in sample_shape)
-    have = tuple(x.shape[1:])
-    if have == want:
-        return x, ""
-    n_have = int(np.prod(have)) if have else 1
-    n_want = int(np.prod(want)) if want else 1
-    if n_have == n_want:
-        return x.reshape(x.shape[0], *want), f"data samples {list(have)} reshaped to the model input {list(want)}"
-    raise DataError(
-        f"data samples have shape {list(have)} ({n_have} values) but the model expects {list(want)} "
-        f"({n_want} values)"
-    )
+    stored = as_stored(x, info)
+    have = tuple(stored.shape[1:])
+    canonical = info.get("canonical", "") if info and stored is not x else ""
+    plan = plan_layout(have, want, channels_last=True if canonical == "nhwc" else None)
+    if plan is None:
+        n_have = int(np.prod(have)) if have else 1
+        n_want = int(np.prod(want)) if want else 1
+        if n_have == n_want:
+            raise DataError(
+                f"data samples have shape {list(have)} but the model expects {list(want)}: the same {n_have} values "
+                "in another arrangement, which certonnx does not guess (store the data in the model's input layout)"
+            )
+        raise DataError(
+            f"data samples have shape {list(have)} ({n_have} values) but the model expects {list(want)} "
+            f"({n_want} values)"
+        )
+    steps, note = plan
+    out = apply_layout(stored, steps)
+    out = out if out is x else out.contiguous()
+    if canonical and tuple(x.shape[1:]) == want and (
+            (canonical == "nhwc" and steps == [("transpose", TO_CHANNELS_FIRST)])
+            or (canonical == "channel" and steps and steps[0][0] == "reshape")):
+        note = ""  # load_npz's own conversion, already described by info["layout"]
+    if info is not None:
+        kind = info.get("stored_layout") or info.get("layout", "").split(" (")[0]
+        if not steps:
+            info["layout"] = f"{kind} (as stored)"
+        elif not note:
+            pass  # load_npz's description stands
+        else:
+            verb = "transposed" if steps[0][0] == "transpose" else "reshaped"
+            info["layout"] = f"{kind} ({verb} to the model input {list(want)})"
+    return out, note
 
 
 def normalize_arrays(

@@ -64,8 +64,8 @@ def run_from_model(path: str | Path, data: str | Path, norm: str, eps_max: float
     from certonnx.data import check_against_model, load_npz
 
     cm = certonnx.load(path)
-    x, y, _ = load_npz(data, split, n, num_classes=cm.num_classes)
-    x, _ = check_against_model(x, cm.sample_shape)
+    x, y, info = load_npz(data, split, n, num_classes=cm.num_classes)
+    x, _ = check_against_model(x, cm.sample_shape, info)
     m = cm.module.eval()
     for p in m.parameters():
         p.requires_grad_(False)

@@ -27,7 +27,7 @@ import torch
 
 from certonnx.attacks.pgd import pgd_attack
 from certonnx.bounds import METHODS, BoundedModule, InputSet, margin_matrix
-from certonnx.certify.ort_check import OrtRunner, margin_violated
+from certonnx.certify.ort_check import OrtRunner, check_clean_predictions, guard_indices, margin_violated
 from certonnx.errors import CertonnxError
 
 AUTO_CASCADE = ("ibp", "crown-ibp", "crown", "alpha-crown")
@@ -126,11 +126,20 @@ def certify_dataset(
     alpha_steps: int = 20,
     seed: int = 0,
     per_sample: bool = False,
+    ort_inputs: np.ndarray | torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Certify ``x, y`` (raw inputs, labels) for every ``{norm: eps}``; see the module docstring.
 
     ``progress``: True for a rich progress bar on stderr, False for none, or a callable that
     receives the number of samples finished since the last call.
+
+    With ``onnx_path``, before any bound is computed, the clean predictions of the torch model
+    on ``x`` are compared with onnxruntime's on the original file for up to
+    :data:`~certonnx.certify.ort_check.GUARD_SAMPLES` samples
+    (:func:`~certonnx.certify.ort_check.check_clean_predictions`); a disagreement raises
+    :class:`~certonnx.errors.ParityError` and nothing is reported. ``ort_inputs`` are the same
+    samples as the user stores them (e.g. :func:`certonnx.data.as_stored`), fed to onnxruntime
+    with only a channel transpose or a re-view where its input needs one; default ``x``.
     """
     t0 = time.monotonic()
     method = method.lower().replace("_", "-")
@@ -144,9 +153,7 @@ def certify_dataset(
 
     checker: Callable[[np.ndarray], np.ndarray]
     if onnx_path is not None:
-        norm_obj = getattr(model, "normalization", None)
-        outside = norm_obj is not None and not norm_obj.inside
-        checker = OrtRunner(onnx_path, norm_obj.mean if outside else None, norm_obj.std if outside else None)
+        checker = OrtRunner.for_model(onnx_path, model)
         check_engine = "onnxruntime"
     else:
 
@@ -159,6 +166,10 @@ def certify_dataset(
     bar, tick = _progress(progress, n * max(len(norms), 1))
     try:
         logits = _predict(module, x, batch_size, dev)
+        clean_check = None
+        if isinstance(checker, OrtRunner):
+            clean_check = guarded_predictions(checker, x if ort_inputs is None else ort_inputs, logits,
+                                              source=str(onnx_path))
         K = logits.shape[1]
         pred = logits.argmax(1)
         correct = pred == y
@@ -262,6 +273,8 @@ def certify_dataset(
         "falsification_check": check_engine,
         "pgd": {"steps": pgd_steps, "restarts": pgd_restarts, "seed": seed},
     }
+    if clean_check is not None:
+        res["ort_clean_check"] = clean_check
     if mem_warnings:
         res["warnings"] = sorted(set(mem_warnings))
     for k in res["certified_accuracy"]:
@@ -271,7 +284,45 @@ def certify_dataset(
     if per_sample:
         res["per_sample"] = {k: [str(s) for s in v["status"]] for k, v in per_norm.items()}
         res["per_sample"]["correct"] = [bool(c) for c in correct]
+        res["per_sample"]["prediction"] = [int(c) for c in pred]
     return res
+
+
+def clean_prediction_guard(model: Any, x: torch.Tensor, onnx_path: str | os.PathLike[str], *,
+                           ort_inputs: np.ndarray | torch.Tensor | None = None,
+                           batch_size: int = 128) -> dict[str, int]:
+    """The guard of :func:`certify_dataset` on its own (e.g. before fine-tuning starts): the
+    torch model (on whatever device it is) on up to 256 samples of ``x`` against onnxruntime
+    on ``onnx_path`` fed ``ort_inputs`` (the same samples as the user stores them; default ``x``)."""
+    module = model.module if hasattr(model, "module") else model
+    device = next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
+    runner = OrtRunner.for_model(onnx_path, model)
+    xu = x if ort_inputs is None else ort_inputs
+    idx = guard_indices(int(x.shape[0]))
+    was_training = module.training
+    module.eval()
+    try:
+        logits = _predict(module, x[torch.as_tensor(idx)], batch_size, torch.device(device))
+    finally:
+        module.train(was_training)
+    xs = xu[torch.as_tensor(idx)] if isinstance(xu, torch.Tensor) else np.asarray(xu)[idx]
+    xs = xs.detach().cpu().numpy() if isinstance(xs, torch.Tensor) else xs
+    return check_clean_predictions(runner, xs, logits.double().numpy(), source=str(onnx_path), indices=idx)
+
+
+def guarded_predictions(runner: OrtRunner, x_user: np.ndarray | torch.Tensor, logits: torch.Tensor, *,
+                        source: str) -> dict[str, int]:
+    """:func:`~certonnx.certify.ort_check.check_clean_predictions` on an even spread of up to
+    256 samples: ``x_user`` (the data as the user stores it) through onnxruntime against the
+    torch ``logits`` already computed for all samples (one onnxruntime batch, no extra torch pass)."""
+    n = int(logits.shape[0])
+    if int(x_user.shape[0]) != n:
+        raise ValueError(f"ort_inputs has {int(x_user.shape[0])} samples but x has {n}")
+    idx = guard_indices(n)
+    xs = x_user[torch.as_tensor(idx)] if isinstance(x_user, torch.Tensor) else np.asarray(x_user)[idx]
+    xs = xs.detach().cpu().numpy() if isinstance(xs, torch.Tensor) else xs
+    return check_clean_predictions(runner, xs, logits[torch.as_tensor(idx)].double().numpy(), source=source,
+                                   indices=idx)
 
 
 def _input_space(model: Any) -> dict[str, Any]:

@@ -50,6 +50,7 @@ def certify_lipschitz(
     device: str | torch.device = "cpu",
     seed: int = 0,
     onnx_path: str | os.PathLike[str] | None = None,
+    ort_inputs: np.ndarray | torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Certify ``x, y`` (raw inputs, labels) for every ``{norm: eps}`` with the Lipschitz bound.
 
@@ -58,7 +59,8 @@ def certify_lipschitz(
     union_certified_accuracy, epsilon, input_space, method="lipschitz", seconds`` and
     ``mean_certified_radius{norm}``, and, like ``certify_dataset``, ``status_counts``,
     ``per_method``, ``ort_disagreements`` and ``falsification_check`` (PGD counterexamples and
-    misclassified clean points are re-checked on ``onnx_path`` with onnxruntime when given).
+    misclassified clean points are re-checked on ``onnx_path`` with onnxruntime when given), and
+    the same guard on clean predictions (``ort_inputs``: the data as the user stores it).
     """
     t0 = time.monotonic()
     dev, module, sample_shape, domain, was_training = prepare_model(model, x, device)
@@ -72,6 +74,13 @@ def certify_lipschitz(
         with torch.no_grad():
             logits = torch.cat([module(x[i:i + batch_size].to(dev)).flatten(1).cpu()
                                 for i in range(0, n, batch_size)]) if n else torch.zeros(0, 1)
+        runner = _runner(onnx_path, model)
+        clean_check = None
+        if runner is not None:
+            from certonnx.certify.core import guarded_predictions
+
+            clean_check = guarded_predictions(runner, x if ort_inputs is None else ort_inputs, logits,
+                                              source=str(onnx_path))
         correct = logits.argmax(1) == y
         verified: dict[str, torch.Tensor] = {}
         broken: dict[str, torch.Tensor] = {}
@@ -103,7 +112,7 @@ def certify_lipschitz(
         for p in req:
             p.requires_grad_(True)
         module.train(was_training)
-    falsified, disagree, engine = _confirm(module, points, broken, y, onnx_path, model, batch_size, dev)
+    falsified, disagree, engine = _confirm(points, broken, y, runner, batch_size)
     clean = float(correct.double().mean()) if n else 0.0
     return {
         "n": n,
@@ -123,20 +132,26 @@ def certify_lipschitz(
                               "unknown": n - int(v.sum()) - int(falsified[k].sum())} for k, v in verified.items()},
         "ort_disagreements": disagree,
         "falsification_check": engine,
+        **({"ort_clean_check": clean_check} if clean_check is not None else {}),
     }
 
 
-def _confirm(module: Any, points: dict[str, torch.Tensor], broken: dict[str, torch.Tensor], y: torch.Tensor,
-             onnx_path: str | os.PathLike[str] | None, model: Any, batch_size: int, dev: torch.device
-             ) -> tuple[dict[str, torch.Tensor], dict[str, int], str]:
-    """Counterexamples confirmed by onnxruntime on the original file (torch when none is given)."""
+def _runner(onnx_path: str | os.PathLike[str] | None, model: Any) -> Any:
+    """onnxruntime on the original file, with the user's declared normalization; None without a file."""
     if onnx_path is None:
-        return broken, {k: 0 for k in broken}, "torch (no ONNX file given)"
-    from certonnx.certify.ort_check import OrtRunner, margin_violated
+        return None
+    from certonnx.certify.ort_check import OrtRunner
 
-    norm_obj = getattr(model, "normalization", None)
-    outside = norm_obj is not None and not norm_obj.inside
-    runner = OrtRunner(onnx_path, norm_obj.mean if outside else None, norm_obj.std if outside else None)
+    return OrtRunner.for_model(onnx_path, model)
+
+
+def _confirm(points: dict[str, torch.Tensor], broken: dict[str, torch.Tensor], y: torch.Tensor, runner: Any,
+             batch_size: int) -> tuple[dict[str, torch.Tensor], dict[str, int], str]:
+    """Counterexamples confirmed by onnxruntime on the original file (torch when none is given)."""
+    if runner is None:
+        return broken, {k: 0 for k in broken}, "torch (no ONNX file given)"
+    from certonnx.certify.ort_check import margin_violated
+
     falsified, disagree = {}, {}
     for k, b in broken.items():
         cand = torch.nonzero(b).flatten()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from certonnx.errors import ModelLoadError
+from certonnx.errors import DataError, ModelLoadError, ParityError
 
 
 class OrtRunner:
@@ -46,8 +46,34 @@ class OrtRunner:
         self.mean = None if mean is None else np.asarray(mean, dtype=np.float32)
         self.std = None if std is None else np.asarray(std, dtype=np.float32)
 
+    @classmethod
+    def for_model(cls, path: str | os.PathLike[str], model: object) -> OrtRunner:
+        """A runner for ``path`` that applies ``model``'s user-declared normalization (one that is
+        not inside the file, i.e. prepended by ``--mean/--std``) the way the torch model does."""
+        norm = getattr(model, "normalization", None)
+        if norm is not None and not norm.inside:
+            return cls(path, norm.mean, norm.std)
+        return cls(path)
+
+    @property
+    def sample_dims(self) -> tuple[int, ...] | None:
+        """The file's per-sample input shape, or None when some axis besides the batch is symbolic."""
+        dims = [d if isinstance(d, int) and d > 0 else None for d in self.input_dims[1:]]
+        return None if any(d is None for d in dims) else tuple(dims)  # type: ignore[arg-type]
+
     def _prep(self, x: np.ndarray) -> np.ndarray:
+        """float32 in the file's input shape, normalized per channel (axis 1 of that shape, as
+        :func:`~certonnx.io.normalization.prepend_normalization` does in the torch model)."""
         x = np.asarray(x, dtype=np.float32)
+        dims = self.sample_dims
+        if dims is not None and tuple(x.shape[1:]) != dims:
+            from certonnx.layout import is_reshape_view
+
+            if not is_reshape_view(x.shape[1:], dims):
+                # a reshape here would silently reorder values (e.g. NHWC pixels into NCHW)
+                raise DataError(f"inputs of shape {list(x.shape[1:])} do not fit onnxruntime's input "
+                                f"{self.input_name!r} of shape {list(dims)} without reordering values")
+            x = x.reshape(x.shape[0], *dims)  # flat rows (VNN-LIB) or unit axes: same element order
         if self.mean is not None and self.std is not None:
             shape = (1, -1) + (1,) * (x.ndim - 2)
             x = (x - self.mean.reshape(shape)) / self.std.reshape(shape)
@@ -56,9 +82,6 @@ class OrtRunner:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Outputs ``(N, K)`` (flattened per sample)."""
         x = self._prep(x)
-        dims = [d if isinstance(d, int) and d > 0 else None for d in self.input_dims[1:]]
-        if all(d is not None for d in dims):
-            x = x.reshape(x.shape[0], *dims)  # type: ignore[arg-type]
         if self.fixed_batch:
             k, n = self.fixed_batch, x.shape[0]
             outs = []
@@ -71,6 +94,83 @@ class OrtRunner:
         else:
             out = self.sess.run(None, {self.input_name: x})[0]
         return np.asarray(out, dtype=np.float64).reshape(x.shape[0], -1)
+
+
+#: samples compared by the clean-prediction guard: one onnxruntime batch
+GUARD_SAMPLES = 256
+#: a differing argmax is excused only where onnxruntime's top-2 gap is below this fraction of
+#: the sample's largest |logit| (a near-tie that float rounding in either engine can flip)
+NEAR_TIE_REL = 1e-4
+
+
+def guard_indices(n: int, k: int = GUARD_SAMPLES) -> np.ndarray:
+    """Up to ``k`` sample indices spread evenly over ``n`` (all of them when ``n <= k``)."""
+    if n <= k:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
+
+
+def near_ties(out: np.ndarray, rel: float = NEAR_TIE_REL) -> np.ndarray:
+    """Per sample: the two largest outputs are within ``rel`` of the largest magnitude."""
+    out = np.asarray(out, dtype=np.float64)
+    if out.shape[1] < 2:
+        return np.ones(out.shape[0], dtype=bool)
+    top2 = np.sort(out, axis=1)[:, -2:]
+    scale = np.maximum(np.abs(out).max(1), 1e-30)
+    return (top2[:, 1] - top2[:, 0]) < rel * scale
+
+
+def check_clean_predictions(
+    runner: OrtRunner,
+    x_user: np.ndarray,
+    torch_logits: np.ndarray,
+    *,
+    source: str = "the ONNX file",
+    indices: np.ndarray | None = None,
+) -> dict[str, int]:
+    """The standing guard: onnxruntime on the original file, fed the data as the user stores
+    it (``x_user``, made to fit the file's input only by :mod:`certonnx.layout`'s rules: as
+    is, a channel transpose or a pure re-view), must predict the class that certonnx's torch
+    model predicts on its own prepared inputs (``torch_logits``, same samples, same order).
+
+    Raises :class:`ParityError` (one line) when some argmax differs and onnxruntime's top-2 gap
+    does not make it a near-tie; returns ``{"samples", "agree", "near_ties"}`` otherwise.
+    ``indices`` (into the original numbering) only make the message name the right sample.
+    """
+    from certonnx.layout import apply_layout, plan_layout
+
+    xa = np.asarray(x_user, dtype=np.float32)
+    if xa.shape[0] == 0:
+        return {"samples": 0, "agree": 0, "near_ties": 0}
+    t = np.asarray(torch_logits, dtype=np.float64).reshape(xa.shape[0], -1)
+    dims = runner.sample_dims
+    if dims is not None:
+        plan = plan_layout(xa.shape[1:], dims)
+        if plan is None:
+            raise DataError(f"data samples have shape {list(xa.shape[1:])} but onnxruntime's input "
+                            f"{runner.input_name!r} is {list(dims)}: cannot check certonnx's predictions against it")
+        xa = apply_layout(xa, plan[0])
+    o = runner(xa)
+    if o.shape[1] != t.shape[1]:
+        raise ParityError(f"onnxruntime on {source} gives {o.shape[1]} outputs per sample but certonnx's model "
+                          f"gives {t.shape[1]}; no result is reported")
+    p_ort, p_torch = o.argmax(1), t.argmax(1)
+    fin_o, fin_t = np.isfinite(o).all(1), np.isfinite(t).all(1)
+    # NaN/inf scores have no meaningful argmax: excused when both engines give them, a
+    # disagreement when only one does
+    differ = np.where(fin_o & fin_t, p_ort != p_torch, fin_o != fin_t)
+    tie = near_ties(np.where(np.isfinite(o), o, 0.0)) & fin_o & fin_t
+    bad = np.nonzero(differ & ~tie)[0]
+    if bad.size:
+        i = int(bad[0])
+        where = int(indices[i]) if indices is not None else i
+        raise ParityError(
+            f"onnxruntime on {source} predicts another class than certonnx's imported model on {bad.size} of "
+            f"{xa.shape[0]} checked samples (first: sample {where}, onnxruntime class {int(p_ort[i])}, certonnx "
+            f"class {int(p_torch[i])}): the data or --mean/--std reach the model differently from how onnxruntime "
+            "receives them, or the import is wrong; no result is reported"
+        )
+    return {"samples": int(xa.shape[0]), "agree": int((~differ).sum()), "near_ties": int((differ & tie).sum())}
 
 
 def margin_violated(out: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -108,7 +108,7 @@ def command(model: str, data: str, split: str, n: int | None, norms: dict[str, f
     import torch
 
     import certonnx
-    from certonnx.data import check_against_model, load_npz
+    from certonnx.data import as_stored, check_against_model, load_npz
     from certonnx.utils import resolve_device
 
     if (mean is None) != (std is None):
@@ -137,7 +137,8 @@ def command(model: str, data: str, split: str, n: int | None, norms: dict[str, f
 
         cm = prepend_normalization(cm, mean, std)
     x, y, info = load_npz(data, split, n, mean=mean, std=std, num_classes=cm.num_classes)
-    x, note = check_against_model(x, cm.sample_shape)
+    stored = as_stored(x, info)  # what onnxruntime is fed by the clean-prediction guard
+    x, note = check_against_model(x, cm.sample_shape, info)
 
     from rich.console import Console
 
@@ -154,11 +155,12 @@ def command(model: str, data: str, split: str, n: int | None, norms: dict[str, f
         from certonnx.certify.lipschitz_cert import certify_lipschitz
 
         res = certify_lipschitz(cm, x, y, norms, batch_size=batch_size, pgd_steps=pgd_steps,
-                                pgd_restarts=pgd_restarts, device=dev, seed=seed, onnx_path=model)
+                                pgd_restarts=pgd_restarts, device=dev, seed=seed, onnx_path=model,
+                                ort_inputs=stored)
     else:
         res = certify_dataset(cm, x, y, norms, method.lower(), batch_size=batch_size, pgd_steps=pgd_steps,
                               pgd_restarts=pgd_restarts, device=dev, progress=True, onnx_path=model,
-                              max_memory=max_memory, seed=seed)
+                              max_memory=max_memory, seed=seed, ort_inputs=stored)
     res["data"] = {"path": str(data), "split": split, "sha256": info["sha256"], "layout": info["layout"],
                    "scale": info["scale"], **({"reshaped": note} if note else {})}
     res["model"] = str(model)

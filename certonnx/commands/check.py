@@ -107,7 +107,7 @@ def _recertify(model: str, data: str, norms: dict[str, float], *, split: str, n:
     """Certify the file as it is now; the result dict has the certificate's key names."""
     import certonnx
     from certonnx.certify.core import certify_dataset
-    from certonnx.data import check_against_model, load_npz
+    from certonnx.data import as_stored, check_against_model, load_npz
     from certonnx.errors import DataError
     from certonnx.utils import resolve_device
 
@@ -115,9 +115,10 @@ def _recertify(model: str, data: str, norms: dict[str, float], *, split: str, n:
         raise DataError(f"data file not found: {data}")
     cm = certonnx.load(model)
     x, y, info = load_npz(data, split, n, num_classes=cm.num_classes)
-    x, _ = check_against_model(x, cm.sample_shape)
+    stored = as_stored(x, info)
+    x, _ = check_against_model(x, cm.sample_shape, info)
     res = certify_dataset(cm, x, y, norms, method, batch_size=batch_size, device=resolve_device(device),
-                          progress=not quiet, onnx_path=model)
+                          progress=not quiet, onnx_path=model, ort_inputs=stored)
     res["norms"] = dict(res["epsilon"])
     res["dataset_sha256"] = info["sha256"]
     return res

@@ -177,7 +177,7 @@ def command(model: str | None, data: str, norms: dict[str, float], method: str, 
     import torch
 
     import certonnx
-    from certonnx.data import check_against_model, load_npz
+    from certonnx.data import as_stored, check_against_model, load_npz
     from certonnx.train import TrainConfig, Trainer
     from certonnx.train import distributed as D
     from certonnx.utils import resolve_device
@@ -249,9 +249,17 @@ def command(model: str | None, data: str, norms: dict[str, float], method: str, 
             from certonnx.errors import DataError
 
             raise DataError(f"labels go up to {int(y.max())} but the model has {num_classes} outputs")
-    x, note = check_against_model(x, cm.sample_shape)
+    stored = as_stored(x, info)
+    x, note = check_against_model(x, cm.sample_shape, info)
     if note:
         say(f"[yellow]note:[/] {note}")
+    if not scratch:
+        # before any training: the imported model on the prepared data must predict what
+        # onnxruntime predicts on the original file fed the data as stored (one batch)
+        from certonnx.certify.core import clean_prediction_guard
+
+        clean_prediction_guard(cm, x, model, ort_inputs=stored)  # type: ignore[arg-type]
+    del stored
     if isinstance(norms, str):
         from certonnx.train.methods.cure import parse_norms_with_defaults
 
@@ -267,7 +275,7 @@ def command(model: str | None, data: str, norms: dict[str, float], method: str, 
     xt = yt = None
     if eval_n != 0:
         xt, yt, tinfo = load_npz(data, "test", eval_n, mean=mean, std=std, num_classes=num_classes)
-        xt, _ = check_against_model(xt, cm.sample_shape)
+        xt, _ = check_against_model(xt, cm.sample_shape, tinfo)
 
     for p in cm.module.parameters():
         p.requires_grad_(True)
