@@ -150,7 +150,8 @@ def test_loss_is_robust_ce_at_the_radii() -> None:
     assert torch.allclose(loss, robust_ce(lb), atol=1e-5)
     clean = torch.nn.functional.cross_entropy(m(x), y)
     z = r == 0
-    assert torch.allclose(robust_ce(lb[z]), torch.nn.functional.cross_entropy(m(x[z]), y[z]), atol=1e-5)
+    # equal up to the float32 rounding allowance of the bounds (certonnx.bounds.rounding)
+    assert torch.allclose(robust_ce(lb[z]), torch.nn.functional.cross_entropy(m(x[z]), y[z]), atol=1e-3)
     loss1, _ = ACERT().loss(m, bm, x, y, 0.2, "linf", _ctx(m, 0.2, 1.0, acert_kappa=1.0))
     assert torch.allclose(loss1, clean, atol=1e-5)
     # warm-up (ε_max = 0): clean training

@@ -54,8 +54,9 @@ def test_setup_keeps_function_engine_sees_it_export_bakes_it(gran: str, tmp_path
     bm = BoundedModule(m.module, m.sample_shape)
     with torch.no_grad():
         lb, ub = bm.compute(InputSet(x, 0.0, norm="linf"), method="ibp")
-    torch.testing.assert_close(lb, after, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ub, after, atol=1e-4, rtol=1e-4)
+    # exact up to the float32 rounding allowance the engine adds (certonnx.bounds.rounding)
+    assert bool((lb <= after).all() and (after <= ub).all())
+    assert float((ub - lb).max()) < 2e-3
     # export bakes W ⊙ clamp(|s|, 0, α) into plain weights, parity-checked by onnxruntime
     p = export(m, tmp_path / "sac.onnx", n_parity=2)
     assert shrink_modules(m.module)  # the caller's model keeps its parametrization

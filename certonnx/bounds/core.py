@@ -11,7 +11,35 @@ from __future__ import annotations
 
 import torch
 
+from certonnx.bounds.rounding import U32, absolute_slack, engine_gamma
+
 NORMS = ("linf", "l2")
+
+
+def box_concretize(Af: torch.Tensor, c: torch.Tensor, r: torch.Tensor, sign: float,
+                   x0: torch.Tensor | None = None, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """min (sign=-1) / max (sign=+1) of ``Af · v`` over the box ``c ± r`` (and, with ``x0`` and
+    ``eps``, also over the L2 ball ``‖v − x0‖ ≤ eps``, taking the tighter), shape ``(B, S)``.
+
+    ``Af`` is ``(B, S, n)``, ``c``/``r``/``x0`` are ``(B, n, 1)``. Sound in float32: the radius
+    is widened by the rounding of the centre/radius conversion, and the result by the rounding
+    error of its own dot products (``2·γ_n`` of their absolute value, see
+    :mod:`certonnx.bounds.rounding`).
+    """
+    n = Af.shape[2]
+    g = engine_gamma(n)
+    r = r + 2 * U32 * (c.abs() + r)
+    aa = Af.abs()
+    cols = [r, c.abs() + r] + ([x0.abs()] if x0 is not None else [])
+    mags = torch.bmm(aa, torch.cat(cols, -1))  # (B, S, 2 or 3)
+    slack = absolute_slack(n)
+    box = torch.bmm(Af, c).squeeze(-1) + sign * (mags[..., 0] + g * mags[..., 1] + slack)
+    if x0 is None or eps is None:
+        return box
+    norm = Af.norm(dim=2) * (1 + g)
+    e = eps[:, None]
+    ball = torch.bmm(Af, x0).squeeze(-1) + sign * (norm * e + g * (mags[..., 2] + norm * e) + slack)
+    return torch.maximum(box, ball) if sign < 0 else torch.minimum(box, ball)
 
 
 class Interval:
@@ -71,9 +99,29 @@ class Interval:
             self._radius = torch.sub(self._upper, self._lower).mul_(0.5)  # type: ignore[arg-type]
         return self._radius
 
+    def widen(self, e: torch.Tensor | float) -> Interval:
+        """The interval grown by ``e`` (≥ 0) on both sides: room for rounding errors. The ball,
+        which describes exact values, is dropped."""
+        if self._center is not None and self._radius is not None:
+            return Interval.from_center(self._center, self._radius + e)
+        return Interval(self.lower - e, self.upper + e)
+
     def intersect(self, other: Interval) -> Interval:
         """Both are sound, so their intersection is too (and never looser)."""
         return Interval(torch.maximum(self.lower, other.lower), torch.minimum(self.upper, other.upper), self.ball)
+
+
+class Folded:
+    """Value of an affine layer folded into the eval-mode BatchNorm after it: IBP computed no
+    bounds of its own, only the pair's ``output`` (the BatchNorm's interval)."""
+
+    __slots__ = ("output",)
+
+    def __init__(self, output: Interval) -> None:
+        self.output = output
+
+    def __repr__(self) -> str:
+        return "<folded into the next BatchNorm>"
 
 
 def _per_sample(v: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -149,14 +197,11 @@ class InputSet:
 
         ``A`` has shape ``(B, S, *s)``.
         """
-        Af = A.flatten(2)
         c = ((self.upper + self.lower) / 2).flatten(1).unsqueeze(-1)
         r = ((self.upper - self.lower) / 2).flatten(1).unsqueeze(-1)
-        box = torch.bmm(Af, c).squeeze(-1) + sign * torch.bmm(Af.abs(), r).squeeze(-1)
         if self.norm == "linf":
-            return box
-        ball = torch.bmm(Af, self.x.flatten(1).unsqueeze(-1)).squeeze(-1) + sign * Af.norm(dim=2) * self.eps[:, None]
-        return torch.maximum(box, ball) if sign < 0 else torch.minimum(box, ball)
+            return box_concretize(A.flatten(2), c, r, sign)
+        return box_concretize(A.flatten(2), c, r, sign, self.x.flatten(1).unsqueeze(-1), self.eps)
 
 
 def margin_matrix(y: torch.Tensor, num_classes: int) -> torch.Tensor:

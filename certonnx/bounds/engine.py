@@ -26,9 +26,10 @@ from torch import fx, nn
 from torch.fx.node import map_arg
 from torch.utils._pytree import tree_flatten
 
-from certonnx.bounds.core import InputSet, Interval
+from certonnx.bounds.core import Folded, InputSet, Interval
 from certonnx.bounds.registry import METHODS, Rule, lookup, node_label
-from certonnx.bounds.rules.common import concretize_interval
+from certonnx.bounds.rounding import absolute_slack, engine_gamma, magnitude
+from certonnx.bounds.rules.common import concretize_interval, rounding_term
 from certonnx.errors import UnsupportedOpError
 
 FALLBACK = {"alpha-crown": "crown", "crown": "crown-ibp", "crown-ibp": "ibp"}
@@ -65,16 +66,6 @@ def perturbed_nodes(gm: fx.GraphModule) -> list[fx.Node]:
             pert.add(node)
             order.append(node)
     return order
-
-
-class _Folded:
-    """Marker value of an affine layer folded into the BatchNorm after it (no bounds of its own)."""
-
-    def __repr__(self) -> str:
-        return "<folded into the next BatchNorm>"
-
-
-_FOLDED = _Folded()
 
 
 @dataclass
@@ -143,6 +134,9 @@ class BoundedModule:
                     if src not in self.relaxed_inputs:
                         self.relaxed_inputs.append(src)
         self._shapes_known = False
+        self._rounding_set = False
+        self.max_fan_in = 0
+        self.accum_gamma = 0.0
         self._bn_pairs = self._find_bn_pairs()
 
     def _find_bn_pairs(self) -> dict[fx.Node, fx.Node]:
@@ -189,8 +183,8 @@ class BoundedModule:
         tensors = [t for t in (*bvals[1:], *(bn.module.parameters() if bn.module is not None else ()),
                                *(bn.module.buffers() if bn.module is not None else ())) if isinstance(t, torch.Tensor)]
         key = tuple(x for t in tensors for x in (t, t._version))
-        wb = rule.fused_weight_bias(vals, scale, shift, key)  # type: ignore[attr-defined]
-        return rule.ibp(vals, wb)  # type: ignore[call-arg]
+        wf, bf, bmag = rule.fused_weight_bias(vals, scale, shift, key)  # type: ignore[attr-defined]
+        return rule.ibp(vals, (wf, bf), bmag)  # type: ignore[call-arg]
 
     # -- graph evaluation --------------------------------------------------------------------
     def _const_value(self, node: fx.Node, env: dict[fx.Node, object]) -> object:
@@ -232,8 +226,47 @@ class BoundedModule:
                 continue
             env[node] = self._const_value(node, env)
 
+    def _set_rounding(self, inset: InputSet) -> None:
+        """Size every rule's rounding-error factor (see :mod:`certonnx.bounds.rounding`).
+
+        Fan-ins need the weights and shapes, so a first pass with exact arithmetic discovers
+        them; its bounds are discarded. A rule's factor comes from its own fan-in, except for
+        addends that an inference engine may fuse into their producer's accumulation (a bias
+        or residual added inside a convolution's GEMM), which take the producer's. The
+        engine's own sums (the bias terms of a backward pass) are covered by
+        ``self.accum_gamma``."""
+        for r in self.rules.values():
+            r.gamma, r.tiny = 0.0, 0.0
+        with torch.no_grad():
+            ctx = self._ibp_pass(InputSet(inset.x[:1], 0.0, "linf", None))
+        fans: dict[fx.Node, int] = {}
+        for node in self.pert:
+            rule = self.rules.get(node)
+            if rule is None or node in self._shape_nodes:
+                continue
+            n = max(0, int(rule.fan_in(self._resolve(rule, ctx.values))))
+            if getattr(rule, "fusable_addend", False):
+                # fused into its producer's accumulation, it sums as many terms as the producer
+                n = max([n] + [fans.get(rule.leaves[i], 0) + 2 for i in rule.pert])
+            fans[node] = n
+            rule.gamma, rule.tiny = engine_gamma(n), absolute_slack(n)
+        top = max(fans.values(), default=0)
+        self.max_fan_in = top
+        # the engine adds one bias term per node (and merges A matrices) in each backward pass
+        self.accum_gamma = engine_gamma(len(self.pert) + 2)
+
     def ibp_pass(self, inset: InputSet) -> _Ctx:
         """Interval bounds of every perturbed node (and values of every constant node)."""
+        if not self._rounding_set:
+            self._rounding_set = True
+            try:
+                self._set_rounding(inset)
+            except BaseException:
+                self._rounding_set = False
+                raise
+        return self._ibp_pass(inset)
+
+    def _ibp_pass(self, inset: InputSet, fold: bool = True) -> _Ctx:
         if any(getattr(r, "needs_clean", False) for r in self.rules.values()):
             self._clean_pass(inset.x)
         env: dict[fx.Node, object] = {self.input_node: inset.interval()}
@@ -251,11 +284,12 @@ class BoundedModule:
                 continue
             if node in env:  # a BatchNorm already folded into the layer before it
                 continue
-            if self._fusable(node, rule):
+            if fold and self._fusable(node, rule):
                 # the folded pair's result is the BatchNorm's; the layer's own bounds are
                 # never needed (see _find_bn_pairs), so it gets a marker, not an interval
-                env[self._bn_pairs[node]] = self._ibp_fused(node, rule, vals, env)
-                env[node] = _FOLDED
+                fused = self._ibp_fused(node, rule, vals, env)
+                env[self._bn_pairs[node]] = fused
+                env[node] = Folded(fused)
                 continue
             itv = rule.ibp(vals)
             if not self._shapes_known:
@@ -264,6 +298,51 @@ class BoundedModule:
             env[node] = itv
         self._shapes_known = True
         return _Ctx(env, inset)
+
+    def error_bound(self, inset: InputSet) -> torch.Tensor:
+        """Per sample and output element, a bound on ``|f̂(x') − f(x')|`` over the set: how far the
+        model run in float32 (any order, see :mod:`certonnx.bounds.rounding`) can be from the
+        model in exact arithmetic. The Lipschitz certificate, which reasons about the exact
+        model, subtracts it from the margins.
+
+        Each op's own rounding (``forward_error``, from intervals valid for both executions)
+        is added to the upstream error carried through the op (``propagate_error``)."""
+        self.ibp_pass(inset)  # sizes the rounding factors on first use
+        ctx = self._ibp_pass(inset, fold=False)
+        errs: dict[fx.Node, torch.Tensor] = {self.input_node: torch.zeros_like(inset.x)}
+        for node in self.pert:
+            rule = self.rules.get(node)
+            if rule is None or node in self._shape_nodes:
+                continue
+            vals = self._resolve(rule, ctx.values)
+            e = rule.propagate_error(vals, [errs[rule.leaves[i]] for i in rule.pert])
+            errs[node] = e + rule.forward_error(vals)
+        return errs[self.output_node]
+
+    def refresh_after(self, ctx: _Ctx, node: fx.Node) -> None:
+        """Re-run IBP for every node after ``node`` (whose interval was just tightened),
+        intersecting with the intervals already there (both are sound).
+
+        CROWN tightens only the inputs of relaxed ops; the nodes in between (a ReLU's output,
+        the next affine layer) keep IBP intervals, which grow exponentially with depth. Their
+        magnitudes size the rounding terms of the later layers, so they must follow the
+        tightened bounds, or a deep net's rounding allowance grows with them."""
+        env = ctx.values
+        for n in self.pert[self.pert.index(node) + 1:]:
+            rule = self.rules.get(n)
+            if rule is None or n in self._shape_nodes:
+                continue
+            old = env.get(n)
+            if isinstance(old, Folded):
+                bn = self._bn_pairs[n]
+                new = self._ibp_fused(n, rule, self._resolve(rule, env), env)
+                prev = env[bn]
+                env[bn] = new.intersect(prev) if isinstance(prev, Interval) else new
+                env[n] = Folded(env[bn])  # type: ignore[arg-type]
+                continue
+            if not isinstance(old, Interval) or any(isinstance(env.get(rule.leaves[i]), Folded) for i in rule.pert):
+                continue  # a BatchNorm folded into the layer before it: updated with that layer
+            env[n] = rule.ibp(self._resolve(rule, env)).intersect(old)
 
     # -- CROWN backward pass -----------------------------------------------------------------
     def backward(
@@ -286,6 +365,9 @@ class BoundedModule:
         lb = torch.zeros(B, S, device=ref.device, dtype=ref.dtype) if lA is not None else None  # type: ignore[union-attr]
         ub = torch.zeros(B, S, device=ref.device, dtype=ref.dtype) if uA is not None else None  # type: ignore[union-attr]
         pending: dict[fx.Node, list[torch.Tensor | None]] = {start: [lA, uA]}
+        # Σ|terms| added to lb/ub: the running sums round by at most accum_gamma of it
+        mag_l: torch.Tensor | float = 0.0
+        mag_u: torch.Tensor | float = 0.0
         start_pos = self.pert.index(start)
         for node in reversed(self.pert[: start_pos + 1]):
             if node not in pending:
@@ -293,16 +375,20 @@ class BoundedModule:
             nl, nu = pending.pop(node)
             if node is self.input_node:
                 if nl is not None:
-                    lb = lb + ctx.inset.concretize(nl, -1.0)  # type: ignore[operator]
+                    t = ctx.inset.concretize(nl, -1.0)
+                    lb, mag_l = lb + t, mag_l + t.abs()  # type: ignore[operator]
                 if nu is not None:
-                    ub = ub + ctx.inset.concretize(nu, 1.0)  # type: ignore[operator]
+                    t = ctx.inset.concretize(nu, 1.0)
+                    ub, mag_u = ub + t, mag_u + t.abs()  # type: ignore[operator]
                 continue
             if stop is not None and node is not start and stop(node):
                 itv = ctx.values[node]
                 if nl is not None:
-                    lb = lb + concretize_interval(nl, itv, -1.0)  # type: ignore[arg-type,operator]
+                    t = concretize_interval(nl, itv, -1.0)  # type: ignore[arg-type]
+                    lb, mag_l = lb + t, mag_l + t.abs()  # type: ignore[operator]
                 if nu is not None:
-                    ub = ub + concretize_interval(nu, itv, 1.0)  # type: ignore[arg-type,operator]
+                    t = concretize_interval(nu, itv, 1.0)  # type: ignore[arg-type]
+                    ub, mag_u = ub + t, mag_u + t.abs()  # type: ignore[operator]
                 continue
             rule = self.rules[node]
             vals = self._resolve(rule, ctx.values)
@@ -311,17 +397,32 @@ class BoundedModule:
             else:
                 outs, bl, bu = rule.backward(nl, nu, vals)
             if lb is not None:
-                lb = lb + bl
+                lb, mag_l = lb + bl, mag_l + abs(bl)
             if ub is not None:
-                ub = ub + bu
+                ub, mag_u = ub + bu, mag_u + abs(bu)
             for i, (al, au) in zip(rule.pert, outs):
                 src = rule.leaves[i]
                 acc = pending.get(src)
                 if acc is None:
                     pending[src] = [al, au]
-                else:
-                    acc[0] = al if acc[0] is None else (acc[0] + al if al is not None else acc[0])
-                    acc[1] = au if acc[1] is None else (acc[1] + au if au is not None else acc[1])
+                    continue
+                acc[0] = al if acc[0] is None else (acc[0] + al if al is not None else acc[0])
+                acc[1] = au if acc[1] is None else (acc[1] + au if au is not None else acc[1])
+                # the sum of two bound matrices rounds (relative u per entry): the lost part of
+                # A·v is at most u·Σ|A|·max|v| over the source's interval
+                src_itv = ctx.values.get(src)
+                if isinstance(src_itv, Interval):
+                    m = magnitude(src_itv.lower, src_itv.upper) * self.accum_gamma
+                    if lb is not None and al is not None:
+                        t = rounding_term(acc[0], m)
+                        lb, mag_l = lb - t, mag_l + t
+                    if ub is not None and au is not None:
+                        t = rounding_term(acc[1], m)
+                        ub, mag_u = ub + t, mag_u + t
+        if lb is not None:
+            lb = lb - self.accum_gamma * mag_l
+        if ub is not None:
+            ub = ub + self.accum_gamma * mag_u
         return lb, ub
 
     def tighten_rows(self, ctx: _Ctx, node: fx.Node, idx: torch.Tensor, lo_flat: torch.Tensor,
@@ -368,6 +469,7 @@ class BoundedModule:
             chunk = max(1, min(idx.numel(), chunk_bytes // per_row))
             new_lo, new_hi = self.tighten_rows(ctx, node, idx, lo_flat, hi_flat, chunk)
             ctx.values[node] = Interval(new_lo.reshape(B, *shape), new_hi.reshape(B, *shape))
+            self.refresh_after(ctx, node)
 
     def _only_relu_users(self, node: fx.Node) -> bool:
         users = self.users.get(node, [])
@@ -442,6 +544,12 @@ class BoundedModule:
         lb, ub = self.backward(ctx, self.output_node, C, uC)
         if method == "alpha-crown":
             lb = self._optimize_alpha(ctx, C, lb, alpha_steps, alpha_lr)  # type: ignore[arg-type]
+        # the output's own interval gives a second sound bound of C·y (the IBP one; tighter
+        # than CROWN's where a relaxation is loose, e.g. a wide Clip): keep the better of both
+        out_itv = ctx.values[self.output_node]
+        lb = torch.maximum(lb, concretize_interval(C, out_itv, -1.0))  # type: ignore[arg-type]
+        if ub is not None:
+            ub = torch.minimum(ub, concretize_interval(C, out_itv, 1.0))  # type: ignore[arg-type]
         return lb, ub  # type: ignore[return-value]
 
     def _optimize_alpha(

@@ -103,15 +103,32 @@ def lipschitz_margin_constants(bm: BoundedModule, y: torch.Tensor, num_classes: 
 
 def lipschitz_radius(bm: BoundedModule, x: torch.Tensor, y: torch.Tensor, norm: str) -> torch.Tensor:
     """Largest radius (in input space) certified by the Lipschitz bound, per sample; 0 where
-    the clean prediction is wrong."""
+    the clean prediction is wrong.
+
+    The constants bound the *exact* model ``f``; the certificate is about the float32 model
+    ``f̂`` (:mod:`certonnx.bounds.rounding`). So the clean margin is the engine's lower bound at
+    the point (valid for both), and the radius ``r`` must satisfy
+    ``lb₀ − L·r − err ≥ 0`` with ``err`` bounding ``|m̂ − m|`` over the ball: first
+    ``r₀ = lb₀ / L``, then ``err`` over the box of half-width ``r₀`` (which holds the ball of
+    any norm with that radius), then ``r = (lb₀ − err) / L ≤ r₀``.
+    """
+    from certonnx.bounds.core import margin_matrix
+
     with torch.no_grad():
         logits = bm.gm(x)
-    K = logits.shape[1]
-    Lm = lipschitz_margin_constants(bm, y, K, norm)
-    margin = logits.gather(1, y[:, None]) - logits  # (B, K)
-    other = torch.arange(K, device=y.device)[None, :] != y[:, None]
-    r = torch.where(other, margin / Lm.clamp_min(1e-12), torch.full_like(margin, float("inf")))
-    radius = r.amin(1).clamp_min(0.0)
+        K = logits.shape[1]
+        Lm = lipschitz_margin_constants(bm, y, K, norm)
+        other = torch.arange(K, device=y.device)[None, :] != y[:, None]
+        lb_rows, _ = bm.compute(InputSet(x, 0.0, "linf", None), margin_matrix(y, K), "ibp", upper=False)
+        lb0 = torch.full_like(logits, float("inf"))
+        lb0[other] = lb_rows.reshape(-1)
+        L = Lm.clamp_min(1e-12)
+        r0 = torch.where(other, lb0 / L, torch.full_like(lb0, float("inf"))).amin(1).clamp(0.0, 1e3)
+        err = bm.error_bound(InputSet(x, r0, "linf", None)).flatten(1)  # (B, K)
+        m_err = err.gather(1, y[:, None]) + err
+        r = torch.where(other, (lb0 - m_err) / L, torch.full_like(lb0, float("inf")))
+        radius = r.amin(1).clamp(min=0.0)
+        radius = torch.minimum(radius, r0)
     return torch.where(logits.argmax(1) == y, radius, torch.zeros_like(radius))
 
 

@@ -48,6 +48,11 @@ class Rule:
     #: output is not a perturbed float tensor (shape queries): evaluated on interval lower bounds
     shape_only: ClassVar[bool] = False
 
+    #: rounding-error factor of the rule (``2·γ_N``, see :mod:`certonnx.bounds.rounding`) and the
+    #: absolute error of underflowing terms; set by the engine before the first bound pass
+    gamma: float = 0.0
+    tiny: float = 0.0
+
     module_types: ClassVar[tuple[type, ...]] = ()
     functions: ClassVar[tuple[Callable[..., Any], ...]] = ()
     method_names: ClassVar[tuple[str, ...]] = ()
@@ -104,6 +109,25 @@ class Rule:
 
     def lipschitz(self, vals: Sequence[Value], norm: str) -> float | None:
         return None
+
+    def forward_error(self, vals: Sequence[Value]) -> torch.Tensor | float:
+        """Per output element, a bound on ``|fl(op(v)) − op(v)|`` for the inputs' intervals: the
+        op's own float rounding (0 for ops that are exact in floating point)."""
+        return 0.0
+
+    def propagate_error(self, vals: Sequence[Value], errs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per output element, a bound on ``|op(v + d) − op(v)|`` when each perturbed input is
+        off by at most ``errs[k]`` element-wise (``|d| ≤ errs``): how an upstream rounding error
+        travels through the op. Used by :meth:`BoundedModule.error_bound`."""
+        from certonnx.errors import UnsupportedOpError
+
+        raise UnsupportedOpError(self.label, self.node.name, "no float-error propagation rule")
+
+    def fan_in(self, vals: Sequence[Value]) -> int:
+        """Terms of the longest float sum behind one output element (0: the op is exact in
+        floating point, like a ReLU or a reshape). The engine sizes the graph's rounding-error
+        factor from the largest fan-in."""
+        return 0
 
 
 _RULES: list[type[Rule]] = []

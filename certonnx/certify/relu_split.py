@@ -104,6 +104,7 @@ class ReluSplitBounder:
                 # keep empty domains numerically harmless (their bound is ignored)
                 hi_f = torch.where(bad[:, None], torch.maximum(lo_f, hi_f), hi_f)
                 ctx.values[node] = Interval(lo_f.reshape(B, *shape), hi_f.reshape(B, *shape))
+                bm.refresh_after(ctx, node)  # later layers' rounding terms follow the tighter bounds
                 pre_lo.append(lo_f)
                 pre_hi.append(hi_f)
                 off += size

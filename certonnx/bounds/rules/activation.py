@@ -15,15 +15,39 @@ from torch import nn
 
 from certonnx.bounds.core import Interval
 from certonnx.bounds.registry import AMat, Rule, Value, register
+from certonnx.bounds.rounding import ACTIVATION_ERROR
 from certonnx.errors import UnsupportedOpError
 
 _TINY = 1e-12
 
 
 class ActivationRule(Rule):
+    """Rounding: the relaxation lines are computed in float32, so a line meant to pass through
+    ``(u, f(u))`` may pass an ulp below it, and the CROWN step's products ``A·w`` round too.
+    :meth:`outward` moves each line outward by ``γ (|b| + |w| max|x|)`` (plus the function's
+    own implementation error), which covers both."""
+
     affine = False
     #: has a free lower slope that α-CROWN may optimise
     alpha_capable = False
+    #: absolute error of the op's float32 implementations (0: exact, like max(x, 0))
+    impl_error: float = 0.0
+
+    def fan_in(self, vals: Sequence[Value]) -> int:
+        return 4
+
+    def outward(self, lw: torch.Tensor, lb: torch.Tensor, uw: torch.Tensor, ub: torch.Tensor,
+                l: torch.Tensor, u: torch.Tensor, exact: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Lines moved outward for float rounding; ``exact`` marks neurons whose lines are exact
+        in float (a stable ReLU: ``x`` or ``0``), which keep them."""
+        m = torch.maximum(l.abs(), u.abs())
+        sl = (lb.abs() + lw.abs() * m) * self.gamma + (self.tiny + self.impl_error)
+        su = (ub.abs() + uw.abs() * m) * self.gamma + (self.tiny + self.impl_error)
+        if exact is not None:
+            sl = torch.where(exact, torch.zeros_like(sl), sl)
+            su = torch.where(exact, torch.zeros_like(su), su)
+        return lw, lb - sl, uw, ub + su
 
     def check(self, gm) -> None:  # type: ignore[no-untyped-def]
         if self.pert != [0]:
@@ -32,10 +56,19 @@ class ActivationRule(Rule):
     def fn(self, x: torch.Tensor, vals: Sequence[Value]) -> torch.Tensor:
         return self.call_with(vals, {0: x})
 
+    def forward_error(self, vals: Sequence[Value]) -> torch.Tensor | float:
+        return self.impl_error
+
+    def propagate_error(self, vals: Sequence[Value], errs: Sequence[torch.Tensor]) -> torch.Tensor:
+        # element-wise: the largest slope bounds how far an input error moves the output
+        return errs[0] * float(self.lipschitz(vals, "linf") or 0.0)
+
     def ibp(self, vals: Sequence[Value]) -> Interval:
-        # every activation here is monotone non-decreasing
+        # every activation here is monotone non-decreasing; the values are computed by torch,
+        # the model's by another engine: both within impl_error of the exact function
         itv: Interval = vals[0]
-        return Interval(self.fn(itv.lower, vals), self.fn(itv.upper, vals))
+        out = Interval(self.fn(itv.lower, vals), self.fn(itv.upper, vals))
+        return out.widen(self.impl_error) if self.impl_error else out
 
     def relax(
         self, l: torch.Tensor, u: torch.Tensor, vals: Sequence[Value], alpha: torch.Tensor | None = None
@@ -88,6 +121,11 @@ def _relu_relax(l, u, alpha, slope_neg: float = 0.0):  # type: ignore[no-untyped
     return lw, lb, uw, ub
 
 
+def _relu_exact(l: torch.Tensor, u: torch.Tensor, slope_neg: float) -> torch.Tensor:
+    """Neurons whose ReLU lines are exact in float: active (``x``), or dead with slope 0."""
+    return (l >= 0) | ((u <= 0) if slope_neg == 0.0 else torch.zeros_like(l, dtype=torch.bool))
+
+
 @register
 class ReLURule(ActivationRule):
     label = "Relu"
@@ -97,7 +135,7 @@ class ReLURule(ActivationRule):
     method_names = ("relu",)
 
     def relax(self, l, u, vals, alpha=None):  # type: ignore[no-untyped-def]
-        return _relu_relax(l, u, alpha)
+        return self.outward(*_relu_relax(l, u, alpha), l, u, _relu_exact(l, u, 0.0))
 
     def ibp(self, vals: Sequence[Value]) -> Interval:
         itv: Interval = vals[0]
@@ -128,7 +166,18 @@ class LeakyReLURule(ActivationRule):
             raise UnsupportedOpError(self.label, self.node.name, "negative_slope must be in [0, 1]")
 
     def relax(self, l, u, vals, alpha=None):  # type: ignore[no-untyped-def]
-        return _relu_relax(l, u, alpha, self.slope())
+        a = self.slope()
+        return self.outward(*_relu_relax(l, u, alpha, a), l, u, _relu_exact(l, u, a))
+
+    def forward_error(self, vals: Sequence[Value]) -> torch.Tensor:
+        itv: Interval = vals[0]
+        return (itv.center.abs() + itv.radius) * max(1.0, abs(self.slope())) * self.gamma
+
+    def ibp(self, vals: Sequence[Value]) -> Interval:
+        # a·x rounds (one multiplication): widen by γ·|value|
+        itv: Interval = vals[0]
+        lo, hi = self.fn(itv.lower, vals), self.fn(itv.upper, vals)
+        return Interval(lo - lo.abs() * self.gamma, hi + hi.abs() * self.gamma)
 
     def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
         return max(1.0, abs(self.slope()))
@@ -143,6 +192,8 @@ class _SShapedRule(ActivationRule):
       minimum on [l, u] sits at an endpoint, so ``f(x) - k x`` is non-decreasing there and the
       lines through ``(l, f(l))`` and ``(u, f(u))`` are a lower and an upper bound.
     """
+
+    impl_error = ACTIVATION_ERROR
 
     def f(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -166,9 +217,8 @@ class _SShapedRule(ActivationRule):
         # upper line
         uw = torch.where(concave, dm, torch.where(convex, chord, k))
         ub = torch.where(concave, fm - dm * m, torch.where(convex, fu - chord * u, fu - k * u))
-        # float slack so rounding in the chord/tangent never cuts the curve
-        slack = 1e-7 * (1 + fl.abs() + fu.abs())
-        return lw, lb - slack, uw, ub + slack
+        # rounding of the chord/tangent and the kernels' own error: see ActivationRule.outward
+        return self.outward(lw, lb, uw, ub, l, u)
 
 
 @register
@@ -195,12 +245,30 @@ class TanhRule(_SShapedRule):
     module_types = (nn.Tanh,)
     functions = (torch.tanh, F.tanh)
     method_names = ("tanh",)
+    # onnx2torch imports ONNX Tanh as its generic elementwise OnnxFunction(torch.tanh)
+    onnx2torch_names = ("OnnxFunction",)
+
+    @classmethod
+    def matches(cls, node, gm) -> bool:  # type: ignore[no-untyped-def]
+        if node.op == "call_module" and type(gm.get_submodule(node.target)).__name__ == "OnnxFunction":
+            return getattr(gm.get_submodule(node.target), "function", None) is torch.tanh
+        return True
 
     def f(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(x)
 
     def df(self, x: torch.Tensor) -> torch.Tensor:
         return 1 - torch.tanh(x) ** 2
+
+
+def _clip_exact(l: torch.Tensor, u: torch.Tensor, a: float | None, b: float | None) -> torch.Tensor:
+    """Neurons whose clip lines are exact: entirely inside ``[a, b]`` (the line ``x``)."""
+    inside = torch.ones_like(l, dtype=torch.bool)
+    if a is not None:
+        inside = inside & (l >= a)
+    if b is not None:
+        inside = inside & (u <= b)
+    return inside
 
 
 @register
@@ -244,7 +312,27 @@ class ClipRule(ActivationRule):
         super().check(gm)
         self.limits()
 
+    def constant(self) -> float | None:
+        """``min > max``: ONNX Clip (and torch.clamp) return ``max`` everywhere."""
+        a, b = self.limits()
+        return b if a is not None and b is not None and a > b else None
+
+    def propagate_error(self, vals: Sequence[Value], errs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return errs[0] * (0.0 if self.constant() is not None else 1.0)
+
+    def ibp(self, vals: Sequence[Value]) -> Interval:
+        k = self.constant()
+        if k is None:
+            return super().ibp(vals)
+        itv: Interval = vals[0]
+        v = torch.full_like(itv.lower, k)
+        return Interval(v, v.clone())
+
     def relax(self, l, u, vals, alpha=None):  # type: ignore[no-untyped-def]
+        k = self.constant()
+        if k is not None:
+            z = torch.zeros_like(l)
+            return z, z + k, z, z + k
         a, b = self.limits()
         lw = torch.ones_like(l)
         uw = torch.ones_like(l)
@@ -259,4 +347,4 @@ class ClipRule(ActivationRule):
             # lower of (g - r) = lower(g) - upper(r); upper = upper(g) - lower(r)
             lw, lb = lw - w2u, lb - (b2u - w2u * b)
             uw, ub = uw - w2l, ub - (b2l - w2l * b)
-        return lw, lb, uw, ub
+        return self.outward(lw, lb, uw, ub, l, u, _clip_exact(l, u, a, b))

@@ -3,6 +3,7 @@ Add/Sub/Mul/Div/Neg with constants (normalization layers, scaling)."""
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 
@@ -11,7 +12,7 @@ from torch import fx
 
 from certonnx.bounds.core import Interval
 from certonnx.bounds.registry import AMat, Rule, Value, register
-from certonnx.bounds.rules.common import const_for_A, sum_bias, unbroadcast
+from certonnx.bounds.rules.common import const_for_A, sum_bias, unbroadcast, with_rounding
 from certonnx.errors import UnsupportedOpError
 
 _OPS = {
@@ -39,14 +40,6 @@ def _op_of(node: fx.Node, gm: fx.GraphModule) -> str | None:
         return None
     key = node.target if node.op == "call_function" else str(node.target)
     return _OPS.get(key)  # type: ignore[arg-type]
-
-
-def _scalar_or_none(c: object) -> float | None:
-    if isinstance(c, (int, float)):
-        return float(c)
-    if isinstance(c, torch.Tensor) and c.numel() == 1:
-        return float(c)
-    return None
 
 
 @register
@@ -82,37 +75,88 @@ class BinaryArithRule(Rule):
     def _operands(self, vals: Sequence[Value]) -> tuple[Value, Value]:
         return vals[0], vals[1]
 
+    #: an optimiser may move this addend into a neighbouring op's accumulation (a bias or a
+    #: residual folded into a convolution), so the engine sizes its rounding factor from the
+    #: graph's largest fan-in rather than from the 2 terms of the op itself
+    fusable_addend = True
+
+    def fan_in(self, vals: Sequence[Value]) -> int:
+        return 2
+
+    def rounding(self, vals: Sequence[Value]) -> torch.Tensor:
+        """Per output element, ``γ·|exact result|``-style bound of the float error:
+        ``γ (|a| + |b|)`` for a sum or difference, ``γ |c| |x|`` for a product, ``γ |x| / |c|``
+        for a quotient (``|x|`` the interval's magnitude; one rounding, or two where an engine
+        multiplies by a rounded reciprocal)."""
+        a, b = self._operands(vals)
+
+        def mag(v: Value) -> torch.Tensor | float:
+            if isinstance(v, Interval):
+                return v.center.abs() + v.radius
+            return v.abs() if isinstance(v, torch.Tensor) else abs(float(v))
+
+        if self.op in ("Add", "Sub"):
+            e = mag(a) + mag(b)
+        elif self.op == "Mul":
+            e = mag(a) * mag(b)
+        else:
+            e = mag(a) / mag(b)
+        e = torch.as_tensor(e)
+        return e * self.gamma + self.tiny
+
+    def forward_error(self, vals: Sequence[Value]) -> torch.Tensor:
+        return self.rounding(vals)
+
+    def propagate_error(self, vals: Sequence[Value], errs: Sequence[torch.Tensor]) -> torch.Tensor:
+        a, b = self._operands(vals)
+        if len(self.pert) == 2:
+            return errs[0] + errs[1]
+        c = b if self.pert == [0] else a
+        ct = c if isinstance(c, torch.Tensor) else torch.as_tensor(float(c))
+        if self.op in ("Add", "Sub"):
+            return errs[0] + torch.zeros_like(ct, dtype=errs[0].dtype)  # broadcast like the op
+        if self.op == "Mul":
+            return errs[0] * ct.abs()
+        return errs[0] / ct.abs()
+
     # -- IBP -------------------------------------------------------------------------------
     def ibp(self, vals: Sequence[Value]) -> Interval:
         a, b = self._operands(vals)
+        err = self.rounding(vals)
         if self.op in ("Add", "Sub") and len(self.pert) == 2:
             if self.op == "Add":
-                return Interval(a.lower + b.lower, a.upper + b.upper)
-            return Interval(a.lower - b.upper, a.upper - b.lower)
+                return Interval(a.lower + b.lower - err, a.upper + b.upper + err)
+            return Interval(a.lower - b.upper - err, a.upper - b.lower + err)
         if self.op == "Add":
             itv, c = (a, b) if self.pert == [0] else (b, a)
-            return Interval(itv.lower + c, itv.upper + c, _shift_ball(itv, c))
+            lo, hi = itv.lower + c - err, itv.upper + c + err
+            return Interval(lo, hi, _affine_ball(itv, 1.0, c, lo, err))
         if self.op == "Sub":
             if self.pert == [0]:
-                return Interval(a.lower - b, a.upper - b, _shift_ball(a, -b if not isinstance(b, Interval) else 0))
-            return Interval(a - b.upper, a - b.lower, _scale_ball(b, -1.0, a))
+                lo, hi = a.lower - b - err, a.upper - b + err
+                return Interval(lo, hi, _affine_ball(a, 1.0, -b, lo, err))
+            lo, hi = a - b.upper - err, a - b.lower + err
+            return Interval(lo, hi, _affine_ball(b, -1.0, a, lo, err))
         # Mul / Div by a constant
         itv, c = (a, b) if self.pert == [0] else (b, a)
         k = c if self.op == "Mul" else 1.0 / c
         x1, x2 = itv.lower * k, itv.upper * k
-        return Interval(torch.minimum(x1, x2), torch.maximum(x1, x2), _scale_ball(itv, k, 0.0))
+        lo, hi = torch.minimum(x1, x2) - err, torch.maximum(x1, x2) + err
+        return Interval(lo, hi, _affine_ball(itv, k, 0.0, lo, err))
 
     # -- CROWN -----------------------------------------------------------------------------
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
         a, b = self._operands(vals)
         y_nd = len(self.out_shape) + 1
+        err = self.rounding(vals)
         outs: list[tuple[AMat, AMat]] = []
         if len(self.pert) == 2:  # Add/Sub of two perturbed tensors
             sign = 1.0 if self.op == "Add" else -1.0
             for j, s in ((0, 1.0), (1, sign)):
                 shp = self.in_shapes[j]
                 outs.append(tuple(unbroadcast(A * s, shp) if A is not None else None for A in (lA, uA)))  # type: ignore[arg-type]
-            return outs, 0.0, 0.0
+            bl, bu = with_rounding(0.0, 0.0, lA, uA, _per_sample_err(err, y_nd))
+            return outs, bl, bu
         (i,) = self.pert
         shp = self.in_shapes[0]
         c = const_for_A(b if i == 0 else a, y_nd)
@@ -133,7 +177,8 @@ class BinaryArithRule(Rule):
                 continue
             res.append(unbroadcast(A * k, shp))
             bias.append(sum_bias(A, off) if _nonzero(off) else 0.0)  # type: ignore[arg-type]
-        return [(res[0], res[1])], bias[0], bias[1]
+        bl, bu = with_rounding(bias[0], bias[1], lA, uA, _per_sample_err(err, y_nd))
+        return [(res[0], res[1])], bl, bu
 
     def lipschitz(self, vals: Sequence[Value], norm: str) -> float | None:
         if len(self.pert) == 2:
@@ -154,25 +199,39 @@ def _nonzero(off: object) -> bool:
     return off != 0.0
 
 
-def _shift_ball(itv: Interval, c: object) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if itv.ball is None or isinstance(c, Interval):
+def _per_sample_err(err: torch.Tensor, y_nd: int) -> torch.Tensor:
+    """The error tensor with a leading batch axis, for :func:`with_rounding` (a constant-only
+    error has no batch axis yet)."""
+    while err.ndim < y_nd:
+        err = err.unsqueeze(0)
+    return err
+
+
+def _affine_ball(itv: Interval, k: object, c: object, out: torch.Tensor,
+                 err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The L2 ball of ``x -> k·x + c`` (then rounded), or None.
+
+    A ball survives only a map that is a similarity up to a known factor: ``‖k ⊙ δ‖ ≤ max|k|·‖δ‖``.
+    Broadcasting to a larger per-sample shape copies each element the same number of times
+    ``m = numel(out) / numel(in)``, so the copied perturbation has norm ``sqrt(m)·‖δ‖``; and the
+    float result lies within ``err`` of the exact one, a box whose L2 norm is added to the
+    radius. Anything else (a batch-dependent constant, an unexpected shape) drops the ball and
+    leaves the sound box."""
+    if itv.ball is None or isinstance(c, Interval) or isinstance(k, Interval):
         return None
     center, eps = itv.ball
     try:
-        return (center + c, eps)  # type: ignore[operator]
+        new_center = center * k + c  # type: ignore[operator]
     except RuntimeError:
         return None
-
-
-def _scale_ball(itv: Interval, k: object, c: object) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """x -> k·x + c keeps an L2 ball only for a scalar k."""
-    if itv.ball is None:
+    if tuple(new_center.shape) != tuple(out.shape) or new_center.shape[0] != center.shape[0]:
         return None
-    ks = _scalar_or_none(k)
-    if ks is None:
+    n_in, n_out = center[0].numel(), new_center[0].numel()
+    if n_out % n_in:
         return None
-    center, eps = itv.ball
-    return (center * ks + c, eps * abs(ks))  # type: ignore[operator]
+    kmax = float(torch.as_tensor(k).abs().max()) if not isinstance(k, (int, float)) else abs(float(k))
+    e = torch.broadcast_to(err, out.shape).flatten(1).norm(dim=1)
+    return new_center, eps * kmax * math.sqrt(n_out // n_in) + e
 
 
 @register
@@ -182,9 +241,13 @@ class NegRule(Rule):
     method_names = ("neg",)
     onnx2torch_names = ("OnnxNeg",)
 
+    def propagate_error(self, vals: Sequence[Value], errs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return errs[0]
+
     def ibp(self, vals: Sequence[Value]) -> Interval:
         itv: Interval = vals[0]
-        return Interval(-itv.upper, -itv.lower, _scale_ball(itv, -1.0, 0.0))
+        ball = (-itv.ball[0], itv.ball[1]) if itv.ball is not None else None  # exact: a sign flip
+        return Interval(-itv.upper, -itv.lower, ball)
 
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
         return [(-lA if lA is not None else None, -uA if uA is not None else None)], 0.0, 0.0

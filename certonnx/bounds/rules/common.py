@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-from certonnx.bounds.core import Interval
+from certonnx.bounds.core import Interval, box_concretize
 from certonnx.bounds.registry import AMat, Rule, Value
 
 
@@ -40,10 +41,23 @@ def const_for_A(c: torch.Tensor | float, y_ndim: int) -> torch.Tensor | float:
 
 def concretize_interval(A: torch.Tensor, itv: Interval, sign: float) -> torch.Tensor:
     """min (sign=-1) / max (sign=+1) of ``A · v`` over the box ``itv``: ``(B, S)``."""
-    c = itv.center.flatten(1).unsqueeze(-1)
-    r = itv.radius.flatten(1).unsqueeze(-1)
-    Af = A.flatten(2)
-    return torch.bmm(Af, c).squeeze(-1) + sign * torch.bmm(Af.abs(), r).squeeze(-1)
+    return box_concretize(A.flatten(2), itv.center.flatten(1).unsqueeze(-1), itv.radius.flatten(1).unsqueeze(-1), sign)
+
+
+def rounding_term(A: AMat, err: torch.Tensor) -> torch.Tensor | float:
+    """``Σ |A| · err`` over the per-sample dims, ``(B, S)``: what a bias term loses to an op's
+    rounding error ``err`` (one value per output element, ``(B, *out)`` or broadcastable)."""
+    if A is None:
+        return 0.0
+    return (A.abs() * err.unsqueeze(1)).flatten(2).sum(2)
+
+
+def with_rounding(bl: torch.Tensor | float, bu: torch.Tensor | float, lA: AMat, uA: AMat,
+                  err: torch.Tensor | None) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """Bias terms of a CROWN step, moved outward by the op's rounding error ``err``."""
+    if err is None:
+        return bl, bu
+    return bl - rounding_term(lA, err), bu + rounding_term(uA, err)
 
 
 def stack_A(lA: AMat, uA: AMat) -> tuple[torch.Tensor, list[int]]:
@@ -68,12 +82,39 @@ class MonotoneLinearRule(Rule):
     """Ops that are linear with non-negative coefficients in their single perturbed input
     (selection, permutation, padding, averaging): IBP applies the op to both bounds, and the
     CROWN step is the op's vector-Jacobian product (computed by autograd at zero), so each
-    such op needs no hand-written transpose."""
+    such op needs no hand-written transpose.
+
+    Rounding: an op that *sums* (an average) rounds its result, and an op that may *copy* an
+    element (expand, gather, indexing) has a CROWN step that sums the copies' coefficients. Both
+    err by at most ``γ · op(|x|)`` (the op applied to the input's magnitude, since its
+    coefficients are non-negative), which is added where it applies; a pure permutation or
+    slice is exact.
+    """
+
+    #: the op's output is a float sum of several input elements (rounds in the forward pass)
+    sums: bool = False
+    #: an input element may appear in several outputs (the CROWN step sums coefficients)
+    may_copy: bool = False
+
+    def rounding(self, vals: Sequence[Value]) -> torch.Tensor:
+        """``γ · op(max(|l|, |u|)) + tiny``, one value per output element."""
+        (i,) = self.pert
+        itv: Interval = vals[i]
+        m = itv.center.abs() + itv.radius
+        return self.call_with(vals, {i: m}).abs() * self.gamma + self.tiny
+
+    def forward_error(self, vals: Sequence[Value]) -> torch.Tensor | float:
+        return self.rounding(vals) if self.sums else 0.0
+
+    def propagate_error(self, vals: Sequence[Value], errs: Sequence[torch.Tensor]) -> torch.Tensor:
+        (i,) = self.pert
+        return self.call_with(vals, {i: errs[0]}) - self.call_with(vals, {i: torch.zeros_like(errs[0])})
 
     def ibp(self, vals: Sequence[Value]) -> Interval:
         (i,) = self.pert
         itv: Interval = vals[i]
-        return Interval(self.call_with(vals, {i: itv.lower}), self.call_with(vals, {i: itv.upper}))
+        out = Interval(self.call_with(vals, {i: itv.lower}), self.call_with(vals, {i: itv.upper}))
+        return out.widen(self.rounding(vals)) if self.sums else out
 
     def check(self, gm) -> None:  # type: ignore[no-untyped-def]
         if len(self.pert) != 1:
@@ -95,7 +136,45 @@ class MonotoneLinearRule(Rule):
         bias_all = (A * off).flatten(2).sum(2)
         nl, nu = unstack_A(g, sizes, lA, uA)
         bl, bu = unstack_A(bias_all, sizes, lA, uA)
-        return [(nl, nu)], (bl if bl is not None else 0.0), (bu if bu is not None else 0.0)
+        bl_, bu_ = (bl if bl is not None else 0.0), (bu if bu is not None else 0.0)
+        if self.sums or self.may_copy:
+            bl_, bu_ = with_rounding(bl_, bu_, lA, uA, self.rounding(vals))
+        return [(nl, nu)], bl_, bu_
 
     def lipschitz(self, vals: Sequence[Value], norm: str) -> float | None:
-        return 1.0
+        return nonnegative_map_norm(self, vals, norm)
+
+
+def nonnegative_map_norm(rule: Rule, vals: Sequence[Value], norm: str) -> float | None:
+    """Induced norm of a linear map ``A`` with non-negative entries (the op at ``pert[0]``).
+
+    L∞: the largest row sum ``max(A·1)``. L2: ``‖A‖₂ ≤ sqrt(‖A‖₁ ‖A‖∞)`` (Schur's test, or
+    Hölder/Riesz–Thorin), with the largest column sum ``max(Aᵀ·1)`` computed by a
+    vector-Jacobian product. Both are evaluated in float64 on the op itself, so repeated
+    indices, upsampling, partial windows and padding divisors are all accounted for exactly;
+    a relative 1e-9 covers float64 rounding. The constant part of the op (a padding value) does
+    not affect the Lipschitz constant and is removed by evaluating at zero.
+    """
+    (i,) = rule.pert
+    shape = (1, *rule.in_shapes[0])
+    dvals = [v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in vals]
+    with torch.enable_grad():
+        z = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+        out0 = rule.call_with(dvals, {i: z})
+        (colsum,) = torch.autograd.grad(out0, z, torch.ones_like(out0))
+    with torch.no_grad():
+        rowsum = rule.call_with(dvals, {i: torch.ones(shape, dtype=torch.float64)}) - out0.detach()
+    r_inf = float(rowsum.abs().max()) if rowsum.numel() else 0.0
+    if norm == "linf":
+        return r_inf * (1 + 1e-9)
+    c_one = float(colsum.abs().max()) if colsum.numel() else 0.0
+    return (c_one * r_inf) ** 0.5 * (1 + 1e-9)
+
+
+def window_multiplicity(k: Sequence[int], s: Sequence[int], d: Sequence[int]) -> int:
+    """Most windows (kernel ``k``, stride ``s``, dilation ``d`` per axis) that contain one input
+    element. Along an axis, element ``p`` is tap ``i`` of window ``o`` iff ``p = o·s + i·d − pad``;
+    for a fixed ``p`` the valid taps satisfy ``i·d ≡ p + pad (mod s)``, an arithmetic progression
+    with step ``s / gcd(s, d)``, so at most ``ceil(k / (s / gcd(s, d)))`` of the ``k`` taps.
+    Padding and ceil_mode only add or remove windows at the border, never taps per element."""
+    return math.prod(-(-kk // (ss // math.gcd(ss, dd))) for kk, ss, dd in zip(k, s, d))

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certonnx.bounds.core import Interval
+from certonnx.bounds.core import Folded, Interval
 from certonnx.bounds.registry import AMat, Rule, Value, register
-from certonnx.bounds.rules.common import stack_A, sum_bias, unstack_A
+from certonnx.bounds.rules.common import stack_A, sum_bias, unstack_A, window_multiplicity, with_rounding
 from certonnx.errors import UnsupportedOpError
 
 
@@ -60,39 +60,89 @@ class _WeightedRule(Rule):
         if len(self.pert) != 1 or self.pert[0] != 0:
             raise UnsupportedOpError(self.label, self.node.name, "weights must not depend on the input")
 
-    _fused_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+    _fused_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     def fused_weight_bias(self, vals: Sequence[Value], scale: torch.Tensor, shift: torch.Tensor,
-                          key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+                          key: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Weights and bias of this layer followed by a per-output-channel affine map (an eval-mode
-        BatchNorm): ``W' = s ⊙ W``, ``b' = s ⊙ b + t``. Exact, so bounds stay sound, and IBP then
-        spends no element-wise passes on the BatchNorm. Cached, like |W|, while ``key`` (the
-        tensors involved and their version counters) is unchanged and no gradient is needed."""
+        BatchNorm): ``W' = s ⊙ W``, ``b' = s ⊙ b + t``, and the bias *magnitude*
+        ``|s|·|b| + |t|`` for the rounding error (``b'`` may cancel to ~0 while the two ops, run
+        separately, round ``s·b`` and ``t``). IBP then spends no element-wise passes on the
+        BatchNorm. Cached, like |W|, while ``key`` (the tensors involved and their version
+        counters, the layer's weight *and bias* included) is unchanged and no gradient is needed."""
         w, b = self.weight_bias(vals)
         grad = torch.is_grad_enabled() and (w.requires_grad or scale.requires_grad)
-        full_key = (w, w._version, *key)
+        full_key = (w, w._version, b, (b._version if b is not None else None), *key)
         c = self._fused_cache
         if not grad and c is not None and len(c[0]) == len(full_key) and all(
-                a is k if isinstance(k, torch.Tensor) else a == k for a, k in zip(c[0], full_key)):
+                a is k if isinstance(k, torch.Tensor) or k is None else a == k for a, k in zip(c[0], full_key)):
             return c[1]
         wf = w * self.per_output(scale, w)
         bf = shift if b is None else b * scale + shift
+        bmag = shift.abs() if b is None else (b * scale).abs() + shift.abs()
         if not grad:
-            wf, bf = wf.detach(), bf.detach()
-            self._fused_cache = (full_key, (wf, bf))
-        return wf, bf
+            wf, bf, bmag = wf.detach(), bf.detach(), bmag.detach()
+            self._fused_cache = (full_key, (wf, bf, bmag))
+        return wf, bf, bmag
 
-    def ibp(self, vals: Sequence[Value], wb: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Interval:
+    def fan_in(self, vals: Sequence[Value]) -> int:
+        w, _ = self.weight_bias(vals)
+        return self.terms(w) + 1
+
+    def terms(self, w: torch.Tensor) -> int:
+        """Products summed into one output (the contraction length)."""
+        return int(w[0].numel())
+
+    def _err(self, m_out: torch.Tensor, bmag: torch.Tensor | None) -> torch.Tensor:
+        """Rounding bound ``γ (|W| m + |b|) + tiny`` from ``m_out = |W| m``."""
+        e = m_out if bmag is None else m_out + self.bias_view(bmag, m_out)
+        return e * self.gamma + self.tiny
+
+    def bias_view(self, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A per-output bias shaped to broadcast against an output tensor ``like``."""
+        return b
+
+    def rounding(self, itv: Interval, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """Per output element: how far the float32 result (the model's, and the engine's own)
+        can be from the exact ``W x + b`` for any ``x`` in ``itv``. Cached per input interval."""
+        c = self._round_cache
+        if c is not None and c[0] is itv and c[1] is w:
+            return c[2]
+        m = itv.center.abs() + itv.radius
+        err = self._err(self.apply(m, self.abs_weight(w), None), b.abs() if b is not None else None)
+        self._round_cache = (itv, w, err)
+        return err
+
+    _round_cache: tuple[Interval, torch.Tensor, torch.Tensor] | None = None
+
+    def forward_error(self, vals: Sequence[Value]) -> torch.Tensor:
+        w, b = self.weight_bias(vals)
+        return self.rounding(vals[0], w, b)
+
+    def propagate_error(self, vals: Sequence[Value], errs: Sequence[torch.Tensor]) -> torch.Tensor:
+        w, _ = self.weight_bias(vals)
+        return self.apply(errs[0], self.abs_weight(w), None)
+
+    def ibp(self, vals: Sequence[Value], wb: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+            bmag: torch.Tensor | None = None) -> Interval:
         itv: Interval = vals[0]
         w, b = self.weight_bias(vals) if wb is None else wb
+        if bmag is None and b is not None:
+            bmag = b.abs()
         c = self.apply(itv.center, w, b)
-        r = self.apply(itv.radius, self.abs_weight(w), None)
-        out = Interval.from_center(c, r)
+        aw = self.abs_weight(w)
+        # radius and magnitude through |W| in one call: (r, |c| + r) stacked on the batch axis
+        n = itv.radius.shape[0]
+        both = self.apply(torch.cat([itv.radius, itv.center.abs() + itv.radius]), aw, None)
+        r, m_out = both[:n], both[n:]
+        err = self._err(m_out, bmag)
+        self._round_cache = (itv, w, err) if wb is None else None
+        out = Interval.from_center(c, r + err)
         if itv.ball is not None:
             center, _ = itv.ball
             ball = _ball_radius(itv, self.rownorm(w), self.apply(center, w, b))
             if ball is not None:
-                out = out.intersect(ball)
+                out = out.intersect(ball.widen(err))
                 out.ball = None
         return out
 
@@ -123,7 +173,9 @@ class LinearRule(_WeightedRule):
         bias = sum_bias(A, b) if b is not None else torch.zeros(A.shape[:2], device=A.device, dtype=A.dtype)
         nl, nu = unstack_A(nA, sizes, lA, uA)
         bl, bu = unstack_A(bias, sizes, lA, uA)  # type: ignore[arg-type]
-        return [(nl, nu)], (bl if bl is not None else 0.0), (bu if bu is not None else 0.0)
+        bl_, bu_ = with_rounding(bl if bl is not None else 0.0, bu if bu is not None else 0.0, lA, uA,
+                                 self.rounding(vals[0], w, b))
+        return [(nl, nu)], bl_, bu_
 
     def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
         w, _ = self.weight_bias(vals)
@@ -160,11 +212,15 @@ class MatMulRule(_WeightedRule):
     def per_output(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return v.view(1, -1)  # x @ W: outputs are W's columns
 
+    def terms(self, w: torch.Tensor) -> int:
+        return int(w.shape[0])
+
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
         w, _ = self.weight_bias(vals)
         A, sizes = stack_A(lA, uA)
         nl, nu = unstack_A(A.matmul(w.t()), sizes, lA, uA)
-        return [(nl, nu)], 0.0, 0.0
+        bl, bu = with_rounding(0.0, 0.0, lA, uA, self.rounding(vals[0], w, None))
+        return [(nl, nu)], bl, bu
 
     def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
         w, _ = self.weight_bias(vals)
@@ -211,6 +267,9 @@ class ConvRule(_WeightedRule):
         nd = w.ndim - 2
         return w.flatten(1).norm(dim=1).view(-1, *([1] * nd))
 
+    def bias_view(self, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return b.view(-1, *([1] * (like.ndim - 2)))
+
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
         nd, stride, pad, dil, groups = self._params()
         w, b = self.weight_bias(vals)
@@ -225,16 +284,20 @@ class ConvRule(_WeightedRule):
             bias = torch.zeros(A.shape[:2], device=A.device, dtype=A.dtype)
         nl, nu = unstack_A(nA, sizes, lA, uA)
         bl, bu = unstack_A(bias, sizes, lA, uA)
-        return [(nl, nu)], (bl if bl is not None else 0.0), (bu if bu is not None else 0.0)
+        bl_, bu_ = with_rounding(bl if bl is not None else 0.0, bu if bu is not None else 0.0, lA, uA,
+                                 self.rounding(vals[0], w, b))
+        return [(nl, nu)], bl_, bu_
 
     def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
         nd, stride, pad, dil, groups = self._params()
         w = self.module.weight.detach().double()  # type: ignore[union-attr]
         if norm != "l2":
             return float(w.flatten(1).abs().sum(1).max())  # each output's row sum, padding only cuts it
-        # conv = W_mat ∘ unfold; each input element appears in at most prod(ceil(k/s)) patches,
-        # so ||unfold||_2 <= sqrt(that multiplicity). With groups, W_mat is block diagonal.
-        mult = math.prod(math.ceil(k / s) for k, s in zip(w.shape[2:], stride))
+        # conv = W_mat ∘ unfold; ||unfold x||² = Σ_p mult(p)·x_p² with mult(p) the patches that
+        # contain element p, so ||unfold||_2 <= sqrt(max mult): at most ceil(k / (s/gcd(s, d)))
+        # taps per axis (common.window_multiplicity, dilation included). With groups, W_mat is
+        # block diagonal, so its norm is the largest block's.
+        mult = window_multiplicity(w.shape[2:], stride, dil)
         co = w.shape[0] // groups
         blocks = [torch.linalg.matrix_norm(w[g * co:(g + 1) * co].flatten(1), 2) for g in range(groups)]
         return float(max(blocks)) * math.sqrt(mult)
@@ -289,12 +352,35 @@ class BatchNormRule(Rule):
     def _shape(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         return t.view(-1, *([1] * (ndim - 2)))
 
+    def fan_in(self, vals: Sequence[Value]) -> int:
+        # x·s + t, with s = w / sqrt(var + eps) and t = b − mean·s computed by the engine too
+        return 6
+
+    def rounding(self, itv: Interval | Folded, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``γ (|s| max|x| + |t|) + tiny`` per element: the float error of ``x·s + t``. When IBP
+        folded the layer before into this one, only the output ``y = s·x + t`` is bounded;
+        then ``|s·x| ≤ |y| + |t|`` gives the same bound from it."""
+        if isinstance(itv, Folded):
+            mag = itv.output.center.abs() + itv.output.radius + 2 * t.abs()
+        else:
+            mag = (itv.center.abs() + itv.radius) * s.abs() + t.abs()
+        return mag * self.gamma + self.tiny
+
+    def forward_error(self, vals: Sequence[Value]) -> torch.Tensor:
+        scale, shift = self.scale_shift(vals)
+        nd = vals[0].lower.ndim
+        return self.rounding(vals[0], self._shape(scale, nd), self._shape(shift, nd))
+
+    def propagate_error(self, vals: Sequence[Value], errs: Sequence[torch.Tensor]) -> torch.Tensor:
+        scale, _ = self.scale_shift(vals)
+        return errs[0] * self._shape(scale, errs[0].ndim).abs()
+
     def ibp(self, vals: Sequence[Value]) -> Interval:
         itv: Interval = vals[0]
         scale, shift = self.scale_shift(vals)
         nd = itv.lower.ndim
         s, t = self._shape(scale, nd), self._shape(shift, nd)
-        return Interval.from_center(itv.center * s + t, itv.radius * s.abs())
+        return Interval.from_center(itv.center * s + t, itv.radius * s.abs() + self.rounding(itv, s, t))
 
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
         scale, shift = self.scale_shift(vals)
@@ -305,7 +391,9 @@ class BatchNormRule(Rule):
         bias = sum_bias(A, t)
         nl, nu = unstack_A(nA, sizes, lA, uA)
         bl, bu = unstack_A(bias, sizes, lA, uA)  # type: ignore[arg-type]
-        return [(nl, nu)], (bl if bl is not None else 0.0), (bu if bu is not None else 0.0)
+        bl_, bu_ = with_rounding(bl if bl is not None else 0.0, bu if bu is not None else 0.0, lA, uA,
+                                 self.rounding(vals[0], s, t))
+        return [(nl, nu)], bl_, bu_
 
     def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
         scale, _ = self.scale_shift(vals)

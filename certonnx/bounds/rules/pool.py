@@ -11,7 +11,7 @@ from torch import nn
 
 from certonnx.bounds.core import Interval
 from certonnx.bounds.registry import AMat, Rule, Value, register
-from certonnx.bounds.rules.common import MonotoneLinearRule
+from certonnx.bounds.rules.common import MonotoneLinearRule, window_multiplicity, with_rounding
 from certonnx.errors import UnsupportedOpError
 
 
@@ -29,20 +29,26 @@ class AvgPoolRule(MonotoneLinearRule):
     method_names = ("mean",)
     onnx2torch_names = ("OnnxGlobalAveragePool", "OnnxGlobalAveragePoolWithKnownInputShape")
 
-    def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
+    sums = True
+
+    def fan_in(self, vals: Sequence[Value]) -> int:
+        """Elements averaged into one output: the kernel for AvgPool, at most
+        ``ceil(in/out) + 1`` per axis for adaptive pooling, ``in/out`` for global means."""
         m = self.module
-        if norm == "l2" and isinstance(m, nn.AvgPool2d):
-            k, s = _pair(m.kernel_size), _pair(m.stride or m.kernel_size)
-            mult = math.prod(math.ceil(a / b) for a, b in zip(k, s))
-            if any(_pair(m.padding)):
-                # Schur test: rows sum to 1, columns to at most mult (weights <= 1)
-                return math.sqrt(mult)
-            return math.sqrt(mult) / math.sqrt(k[0] * k[1])
-        if norm == "l2" and isinstance(m, (nn.AvgPool1d, nn.AvgPool3d)):
-            return None
-        # global / adaptive averages (disjoint windows): each row has L2 norm 1/sqrt(n) <= 1;
-        # any average is 1-Lipschitz for L∞
-        return 1.0
+        ins, out = self.in_shapes[0], self.out_shape
+        if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+            k = m.kernel_size
+            return math.prod(k) if isinstance(k, (tuple, list)) else int(k) ** (len(ins) - 1)
+        if self.node.target is F.avg_pool2d:
+            k = self.node.kwargs.get("kernel_size", self.node.args[1] if len(self.node.args) > 1 else 1)
+            return math.prod(_pair(k))  # type: ignore[arg-type]
+        n_in, n_out = math.prod(ins), max(1, math.prod(out))
+        if len(ins) == len(out) and len(ins) > 1:  # adaptive: per spatial axis
+            return math.prod(-(-a // max(1, b)) + 1 for a, b in zip(ins[1:], out[1:]))
+        return -(-n_in // n_out)
+
+    # lipschitz: the exact non-negative-map bound of MonotoneLinearRule (partial windows of
+    # ceil_mode, count_include_pad=False divisors and upsampling included)
 
 
 @register
@@ -86,6 +92,10 @@ class MaxPoolRule(Rule):
     def ibp(self, vals: Sequence[Value]) -> Interval:
         itv: Interval = vals[0]
         return Interval(self.call_with(vals, {0: itv.lower}), self.call_with(vals, {0: itv.upper}))
+
+    def propagate_error(self, vals: Sequence[Value], errs: Sequence[torch.Tensor]) -> torch.Tensor:
+        # |max_w(a + d) − max_w(a)| ≤ max_w |d|
+        return self.call_with(vals, {0: errs[0]})
 
     def _windows(self, t: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, C, kk, L) windows, padding with -inf."""
@@ -132,10 +142,21 @@ class MaxPoolRule(Rule):
             pos, neg = uA.clamp(min=0), uA.clamp(max=0)
             nu = to_input(pos, up_coef) + to_input(neg, sel)
             bu = (pos.reshape(*pos.shape[:3], -1) * up_const.unsqueeze(1)).flatten(2).sum(2)
+        if window_multiplicity(k, s, d) > 1:
+            # overlapping windows: the fold sums coefficients, erring by γ·Σ|A|·(window max |x|)
+            mag = self.call_with(vals, {0: itv.center.abs() + itv.radius}) * self.gamma + self.tiny
+            bl, bu = with_rounding(bl, bu, lA, uA, mag)
         return [(nl, nu)], bl, bu
 
+    def fan_in(self, vals: Sequence[Value]) -> int:
+        k, s, _, d, _ = self._params()
+        return window_multiplicity(k, s, d)
+
     def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
-        k, s, _, _, _ = self._params()
+        """L∞: 1. L2: ``‖max_w(x) − max_w(y)‖² ≤ Σ_w max_{i∈w} |x_i − y_i|² ≤ Σ_w Σ_{i∈w} δ_i²
+        ≤ mult · ‖δ‖²`` with ``mult`` the most windows sharing one element
+        (:func:`window_multiplicity`, dilation included)."""
+        k, s, _, d, _ = self._params()
         if norm == "l2":
-            return math.sqrt(math.prod(math.ceil(a / b) for a, b in zip(k, s)))
+            return math.sqrt(window_multiplicity(k, s, d))
         return 1.0

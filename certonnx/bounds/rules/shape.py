@@ -12,7 +12,8 @@ from torch import fx, nn
 
 from certonnx.bounds.core import Interval
 from certonnx.bounds.registry import AMat, Rule, Value, register
-from certonnx.bounds.rules.common import MonotoneLinearRule, const_for_A, sum_bias
+from certonnx.bounds.rounding import CAST_MAX, CAST_TINY, CAST_UNIT
+from certonnx.bounds.rules.common import MonotoneLinearRule, const_for_A, sum_bias, with_rounding
 from certonnx.errors import UnsupportedOpError
 
 
@@ -49,6 +50,9 @@ class ReshapeRule(Rule):
             ball = (center.reshape(lo.shape), eps)
         return Interval(lo, hi, ball)
 
+    def propagate_error(self, vals: Sequence[Value], errs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.call_with(vals, {0: errs[0]})
+
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
         shp = self.in_shapes[0]
 
@@ -65,8 +69,8 @@ class ReshapeRule(Rule):
 class IdentityRule(ReshapeRule):
     label = "Identity"
     module_types = (nn.Identity, nn.Dropout)
-    onnx2torch_names = ("OnnxCopyIdentity", "OnnxCast")
-    method_names = ("float", "to", "clone", "detach")
+    onnx2torch_names = ("OnnxCopyIdentity",)
+    method_names = ("clone", "detach")
     functions = ()
 
     def check(self, gm) -> None:  # type: ignore[no-untyped-def]
@@ -74,10 +78,100 @@ class IdentityRule(ReshapeRule):
         if isinstance(self.module, nn.Dropout) and self.module.training and self.module.p > 0:
             # dropout is random in training mode: bounds would not describe the function
             raise UnsupportedOpError("Dropout", self.node.name, "dropout in training mode (call .eval())")
-        if type(self.module).__name__ == "OnnxCast":
-            dt = getattr(self.module, "dtype", None)
-            if dt is not None and not torch.empty(0, dtype=dt).is_floating_point():
-                raise UnsupportedOpError("Cast", self.node.name, f"cast of the input to {dt}")
+
+
+_METHOD_DTYPES = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
+
+
+def cast_target(node: fx.Node, gm: fx.GraphModule) -> torch.dtype | None:
+    """The dtype a cast node converts to; None for a ``.to()`` that changes no dtype."""
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), "torch_dtype", None)  # type: ignore[arg-type]
+    name = str(node.target)
+    if name in _METHOD_DTYPES:
+        return _METHOD_DTYPES[name]
+    for a in (*node.args[1:], *node.kwargs.values()):
+        if isinstance(a, torch.dtype):
+            return a
+    return None
+
+
+@register
+class CastRule(Rule):
+    """ONNX Cast / ``.to(dtype)`` / ``.float()`` / ``.half()`` between float types.
+
+    The engine computes in float32 whatever the model's dtype, so a cast is the identity on
+    the *values* up to the rounding of the target type: relative ``u_t`` (2⁻¹¹ for float16,
+    2⁻⁸ for bfloat16, 2⁻²⁴ for float32) plus the absolute error near zero (subnormals, flush to
+    zero), and ±inf beyond the type's range. Arithmetic carried out *in* a low-precision type
+    would need that type's rounding model, so a cast to float16/bfloat16 is accepted only when
+    every user casts straight back up; casts to integers are refused.
+    """
+
+    label = "Cast"
+    onnx2torch_names = ("OnnxCast",)
+    method_names = ("to", "float", "half", "bfloat16", "double")
+
+    def __init__(self, node, gm, pert) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(node, gm, pert)
+        self.target = cast_target(node, gm)
+
+    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+        if self.pert != [0]:
+            raise UnsupportedOpError(self.label, self.node.name, "only the cast tensor may depend on the input")
+        dt = self.target
+        if dt is None:
+            return
+        if not torch.empty(0, dtype=dt).is_floating_point():
+            raise UnsupportedOpError(self.label, self.node.name, f"cast of the input to {dt}")
+        if dt not in CAST_UNIT:
+            raise UnsupportedOpError(self.label, self.node.name, f"cast to {dt}")
+        if dt in (torch.float16, torch.bfloat16):
+            for user in self.node.users:
+                up = cast_target(user, gm) if self._is_cast(user, gm) else None
+                if up not in (torch.float32, torch.float64):
+                    raise UnsupportedOpError(
+                        self.label, self.node.name,
+                        f"arithmetic in {dt} after a cast (only a cast straight back to float32 is supported)")
+
+    @classmethod
+    def _is_cast(cls, node: fx.Node, gm: fx.GraphModule) -> bool:
+        if node.op == "call_module":
+            return type(gm.get_submodule(node.target)).__name__ in cls.onnx2torch_names  # type: ignore[arg-type]
+        return node.op == "call_method" and str(node.target) in cls.method_names
+
+    def rounding(self, itv: Interval) -> torch.Tensor | float:
+        dt = self.target
+        if dt is None or dt == torch.float64:
+            return 0.0
+        m = itv.center.abs() + itv.radius
+        err = m * CAST_UNIT[dt] + CAST_TINY[dt]
+        return torch.where(m > CAST_MAX[dt], torch.full_like(m, float("inf")), err)
+
+    def forward_error(self, vals: Sequence[Value]) -> torch.Tensor | float:
+        return self.rounding(vals[0])
+
+    def propagate_error(self, vals: Sequence[Value], errs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return errs[0]
+
+    def ibp(self, vals: Sequence[Value]) -> Interval:
+        itv: Interval = vals[0]
+        err = self.rounding(itv)
+        if isinstance(err, float) and err == 0.0:
+            return Interval(itv.lower, itv.upper, itv.ball)
+        return itv.widen(err)
+
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+        err = self.rounding(vals[0])
+        if isinstance(err, float):
+            return [(lA, uA)], 0.0, 0.0
+        bl, bu = with_rounding(0.0, 0.0, lA, uA, err)
+        return [(lA, uA)], bl, bu
+
+    def lipschitz(self, vals: Sequence[Value], norm: str) -> float | None:
+        dt = self.target
+        # rounding is not Lipschitz (a jump of one ulp at every rounding boundary)
+        return 1.0 if dt is None or dt in (torch.float32, torch.float64) else None
 
 
 @register
@@ -107,16 +201,14 @@ class IndexOpRule(MonotoneLinearRule):
         if self.pert != [0]:
             raise UnsupportedOpError(self.label, self.node.name, "indices must not depend on the input")
 
-    def lipschitz(self, vals: Sequence[Value], norm: str) -> float | None:
-        # transposes, slices and zero/constant padding never copy an element; expand, gather and
-        # reflect/replicate padding may, which raises the L2 (not the L∞) constant
-        if norm == "linf" or self.label in ("Transpose", "Slice"):
-            return 1.0
-        if self.label == "Pad":
-            mode = getattr(self.module, "mode", None) or self.node.kwargs.get("mode", "constant")
-            if isinstance(self.module, (nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)) or mode == "constant":
-                return 1.0
-        return None
+    @property
+    def may_copy(self) -> bool:  # type: ignore[override]
+        # expand, gather, indexing with index lists and reflect/replicate padding repeat
+        # elements; transposes, slices and constant padding never do
+        return self.label in ("Expand", "Gather", "Slice", "Pad")
+
+    # lipschitz: MonotoneLinearRule's exact bound for non-negative maps (repeated indices,
+    # expand and reflect padding raise the L2 constant above 1)
 
     def ibp(self, vals: Sequence[Value]) -> Interval:
         out = super().ibp(vals)
@@ -163,6 +255,19 @@ class ConcatRule(Rule):
                 lo.append(t)
                 hi.append(t)
         return Interval(torch.cat(lo, d), torch.cat(hi, d))
+
+    def propagate_error(self, vals: Sequence[Value], errs: Sequence[torch.Tensor]) -> torch.Tensor:
+        parts = self._parts(vals)
+        it = iter(errs)
+        B = errs[0].shape[0]
+        pieces = []
+        for p in parts:
+            if isinstance(p, Interval):
+                pieces.append(next(it))
+            else:
+                t = torch.as_tensor(p)
+                pieces.append(torch.zeros((B, *t.shape[1:]), dtype=errs[0].dtype, device=errs[0].device))
+        return torch.cat(pieces, self._dim())
 
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
         parts = self._parts(vals)

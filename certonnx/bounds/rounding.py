@@ -1,0 +1,84 @@
+"""Floating-point rounding: the error terms that make bounds hold for float32 execution.
+
+A certificate is about the model as an inference engine runs it: in float32, with each dot
+product summed in an order we do not know, possibly with ops fused (a BatchNorm folded into the
+convolution before it, a bias or a residual added inside the accumulation). Exact-arithmetic
+bounds can be wrong there: a wide dot product loses ~``n·u`` of its magnitude, which can be far
+more than a small output value.
+
+The error model (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1): a float32 sum
+of ``n`` terms, in any order, satisfies ``|fl(Σ a_i) − Σ a_i| ≤ γ_n Σ|a_i|`` with
+``γ_n = n·u / (1 − n·u)`` and ``u = 2⁻²⁴``, as long as no term underflows. So an affine op
+``y = W x + b`` evaluated in float32 satisfies
+
+    |fl(W x + b) − (W x + b)| ≤ γ_n (|W| |x| + |b|)        (n = fan-in + 1),
+
+and the bound engine treats every affine op as ``y = W x + b + e`` with ``e`` in that box. Two
+further sources are covered by the same term:
+
+* **the engine's own float32 arithmetic** makes errors of the same form and size: IBP's centre
+  ``W c + b`` and radius ``|W| r`` err by ``γ_n (|W||c| + |b|)`` and ``γ_n |W| r``, together
+  ``γ_n (|W| max|x| + |b|)``; CROWN's product ``A·W`` and bias ``A·b`` err by
+  ``γ_n |A| (|W| max|x| + |b|)`` on the bound. Every rule therefore uses ``2·γ_N``, one ``γ``
+  for the model and one for the engine, and the ``FUSION_SLACK`` terms in ``N`` leave room for
+  the few further roundings (the error term itself, the centre/radius ↔ lower/upper
+  conversions, a folded BatchNorm scale);
+* **fusions and any summation order**: the bound holds for any order of the ``n`` terms; an
+  addend that an optimiser moves into its producer's accumulation (a bias after a MatMul, a
+  residual added inside a convolution's GEMM) is sized with the producer's fan-in, and
+  :data:`FUSION_SLACK` extra terms cover the few roundings of a folded BatchNorm scale and of
+  the engine's own bookkeeping.
+
+Underflow: products below the smallest normal number (and inputs an engine flushes to zero)
+err by an absolute amount, at most :data:`TINY` per term; :func:`absolute_slack` adds that.
+
+Elementwise transcendental functions (sigmoid, tanh) are not correctly rounded in any engine.
+:data:`ACTIVATION_ERROR` is the absolute error allowed for them, 6× the largest error measured
+for onnxruntime's and torch's CPU kernels over 3·10⁶ float32 inputs in [−30, 30] (1.7e-7 for
+sigmoid, 3.3e-7 for tanh).
+
+Numbers beyond float32's range are not modelled: weights beyond ~1e18 are refused at import.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: unit roundoff of float32 (round to nearest)
+U32 = 2.0**-24
+#: extra summation terms allowed for ops fused into an accumulation (bias, BatchNorm, residual)
+FUSION_SLACK = 8
+#: smallest normal float32: bound on the absolute error of one underflowing / flushed term
+TINY = 2.0**-126
+#: absolute error allowed for float32 sigmoid / tanh kernels (see the module docstring)
+ACTIVATION_ERROR = 2e-6
+#: unit roundoff of the targets of a Cast (relative error of one rounding to that type)
+CAST_UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: U32, torch.float64: 0.0}
+#: smallest positive normal number of each type: absolute error bound of a cast near zero
+CAST_TINY = {torch.float16: 2.0**-14, torch.bfloat16: 2.0**-126, torch.float32: TINY, torch.float64: 0.0}
+#: largest finite value of each type: a cast beyond it gives inf
+CAST_MAX = {torch.float16: 65504.0, torch.bfloat16: 3.3895e38, torch.float32: 3.4028e38, torch.float64: float("inf")}
+
+
+def gamma(n: int) -> float:
+    """``γ_n = n·u / (1 − n·u)`` for float32."""
+    nu = n * U32
+    if nu >= 0.5:
+        raise ValueError(f"a sum of {n} float32 terms has no useful error bound")
+    return nu / (1.0 - nu)
+
+
+def engine_gamma(max_fan_in: int) -> float:
+    """The error factor of a rule: ``2·γ_N`` with ``N`` the fan-in plus :data:`FUSION_SLACK`
+    (see the module docstring for why 2 and why the slack)."""
+    return 2.0 * gamma(max(1, max_fan_in) + FUSION_SLACK)
+
+
+def absolute_slack(n: int) -> float:
+    """Absolute error of ``n`` underflowing (or flushed-to-zero) terms."""
+    return (n + FUSION_SLACK) * TINY
+
+
+def magnitude(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """``max(|l|, |u|)``: the largest absolute value of a tensor bounded by ``[l, u]``."""
+    return torch.maximum(lower.abs(), upper.abs())
