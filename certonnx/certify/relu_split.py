@@ -23,8 +23,6 @@ import torch
 
 from certonnx.bounds import InputSet, Interval
 
-EMPTY_MARGIN = 1e-6
-
 
 class ReluSplitBounder:
     """Batched CROWN with per-domain ReLU splits; ``splits`` is ``(B, total_neurons)`` int8."""
@@ -97,9 +95,10 @@ class ReluSplitBounder:
                     sp = splits[:, off:off + size]
                     lo_f = torch.where(sp > 0, lo_f.clamp_min(0.0), lo_f)
                     hi_f = torch.where(sp < 0, hi_f.clamp_max(0.0), hi_f)
-                # empty only with a margin: float32 rounding must not close a domain that holds
-                # inputs with z ~ 0 (the sibling domain covers z = 0 anyway)
-                bad = (lo_f > hi_f + EMPTY_MARGIN).any(1)
+                # empty: the bounds hold for the float32 model's z (rounding included), so a
+                # sound lower bound above a sound upper bound means no input of the domain
+                # reaches it; z = 0 itself lies in both children
+                bad = (lo_f > hi_f).any(1)
                 empty |= bad
                 # keep empty domains numerically harmless (their bound is ignored)
                 hi_f = torch.where(bad[:, None], torch.maximum(lo_f, hi_f), hi_f)

@@ -33,8 +33,6 @@ from certonnx.certify.ort_check import OrtRunner, condition_holds
 from certonnx.certify.vnnlib import VnnlibProperty
 from certonnx.errors import PropertyError
 
-# a bound only counts as a proof with this margin (float32 rounding in the bound engine)
-PROOF_MARGIN = 1e-5
 ALPHA_STEPS = 20
 BETA_STEPS = 10  # α/β optimisation steps per domain in ReLU branch and bound
 BETA_LR = 0.1
@@ -276,9 +274,10 @@ def _bab(
 
     A, b = property_tensors([(torch.as_tensor(a), torch.as_tensor(bb)) for a, bb in dis])
     D, M, K = A.shape
-    A, b = A.to(dev), b.to(dev)
     n_in = int(np.prod(sample_shape))
     lo32, hi32 = _f32_outward(lo, hi)
+    b = _proof_threshold(dis, A, b, lambda: _output_magnitude(bm, InputSet, lo32, hi32, sample_shape))
+    A, b = A.to(dev), b.to(dev)
     open_lo = torch.as_tensor(lo32, device=dev)[None]
     open_hi = torch.as_tensor(hi32, device=dev)[None]
     open_mask = torch.ones(1, D, dtype=torch.bool, device=dev)
@@ -417,10 +416,49 @@ def _bab(
 
 
 def _gap_proves(lb: torch.Tensor, b: torch.Tensor, N: int, D: int, M: int) -> torch.Tensor:
-    """``(N, D)``: some row of the disjunct has ``lb(A_row y) - b_row > PROOF_MARGIN``."""
+    """``(N, D)``: some row of the disjunct has ``lb(A_row y) > b_row``.
+
+    ``lb`` is a bound of the float32 model's outputs that already includes every rounding
+    term (:mod:`certonnx.bounds.rounding`) and ``b`` the threshold of :func:`_proof_threshold`,
+    so no extra margin is needed: a float32 difference is positive exactly when ``lb > b``."""
     gap = lb.detach().view(N, D, M) - b[None]
     gap = torch.where(torch.isfinite(gap), gap, torch.full_like(gap, -math.inf))
-    return (gap > PROOF_MARGIN).any(2)
+    return (gap > 0).any(2)
+
+
+def _output_magnitude(bm: Any, InputSet: Any, lo32: np.ndarray, hi32: np.ndarray,
+                      sample_shape: tuple[int, ...]) -> torch.Tensor:
+    """``max |y_k|`` over the region (IBP), shape ``(K,)``."""
+    s = InputSet.from_box(torch.as_tensor(lo32).view(1, *sample_shape), torch.as_tensor(hi32).view(1, *sample_shape))
+    with torch.no_grad():
+        lb, ub = bm.compute(s, method="ibp")
+    return torch.maximum(lb.abs(), ub.abs())[0].double()
+
+
+def _proof_threshold(dis: list[tuple[np.ndarray, np.ndarray]], A32: torch.Tensor, b32: torch.Tensor,
+                     y_mag: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """float32 thresholds ``t`` (D, M) such that ``A32·y > t`` proves ``A·y > b`` for the
+    property's exact (float64) coefficients.
+
+    ``A·y ≥ A32·y − Σ_k |A − A32|_k |y_k|``, so ``t = b + Σ_k |A − A32|_k max|y_k|``, rounded up
+    to float32. Coefficients that float32 represents exactly (±1, 0, small integers: almost
+    every VNN-LIB file) need no output magnitude; others take ``max|y|`` from IBP over the region.
+    """
+    D, M, K = A32.shape
+    t = np.full((D, M), np.inf)
+    mag: np.ndarray | None = None
+    for i, (a, bb) in enumerate(dis):
+        a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(bb, dtype=np.float64)
+        da = np.abs(a64 - a64.astype(np.float32).astype(np.float64))
+        row = b64.copy()
+        if np.any(da > 0):
+            if mag is None:
+                mag = y_mag().cpu().numpy()
+            row = row + (da * mag[None, :]).sum(1) * (1 + 1e-12)
+        t[i, : len(row)] = row
+    t32 = t.astype(np.float32)
+    t32 = np.where(t32.astype(np.float64) < t, np.nextafter(t32, np.float32(np.inf)), t32)
+    return torch.as_tensor(t32)  # padding rows stay +inf: never proven
 
 
 def _prove(
