@@ -28,7 +28,8 @@ def box_concretize(Af: torch.Tensor, c: torch.Tensor, r: torch.Tensor, sign: flo
     """
     n = Af.shape[2]
     g = engine_gamma(n)
-    r = r + 2 * U32 * (c.abs() + r)
+    if g:
+        r = r + 2 * U32 * (c.abs() + r)
     aa = Af.abs()
     cols = [r, c.abs() + r] + ([x0.abs()] if x0 is not None else [])
     mags = torch.bmm(aa, torch.cat(cols, -1))  # (B, S, 2 or 3)

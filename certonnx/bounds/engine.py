@@ -353,11 +353,16 @@ class BoundedModule:
         uA: torch.Tensor | None,
         stop: Callable[[fx.Node], bool] | None = None,
         alphas: dict[fx.Node, torch.Tensor] | None = None,
+        inject: dict[fx.Node, torch.Tensor] | None = None,
+        record: dict[fx.Node, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Bounds of ``lA·v`` (min) and ``uA·v`` (max) for the node ``start`` (value v).
 
         ``A`` matrices are pulled back node by node in reverse topological order. A node for
         which ``stop`` is true (and the input) is concretized with its interval / the input set.
+        ``inject`` adds extra coefficients to the lower matrix when the pass reaches a node
+        (the β terms of split constraints); ``record`` receives, for every ReLU-like rule, the
+        lower coefficients reaching its output, keyed by its input node (branching scores).
         """
         B = ctx.inset.batch
         S = (lA if lA is not None else uA).shape[1]  # type: ignore[union-attr]
@@ -373,6 +378,13 @@ class BoundedModule:
             if node not in pending:
                 continue
             nl, nu = pending.pop(node)
+            if inject is not None and node in inject and nl is not None:
+                nl = nl + inject[node]
+                src_itv = ctx.values.get(node)
+                if isinstance(src_itv, Interval) and self.accum_gamma:
+                    # the sum rounds like a merge of two bound matrices (see below)
+                    t = rounding_term(nl, magnitude(src_itv.lower, src_itv.upper) * self.accum_gamma)
+                    lb, mag_l = lb - t, mag_l + t  # type: ignore[operator]
             if node is self.input_node:
                 if nl is not None:
                     t = ctx.inset.concretize(nl, -1.0)
@@ -392,6 +404,8 @@ class BoundedModule:
                 continue
             rule = self.rules[node]
             vals = self._resolve(rule, ctx.values)
+            if record is not None and nl is not None and getattr(rule, "alpha_capable", False):
+                record[rule.leaves[rule.pert[0]]] = nl.detach()
             if alphas is not None and node in alphas:
                 outs, bl, bu = rule.backward(nl, nu, vals, alpha=alphas[node])  # type: ignore[call-arg]
             else:

@@ -42,6 +42,9 @@ Numbers beyond float32's range are not modelled: weights beyond ~1e18 are refuse
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 #: unit roundoff of float32 (round to nearest)
@@ -60,6 +63,29 @@ CAST_TINY = {torch.float16: 2.0**-14, torch.bfloat16: 2.0**-126, torch.float32: 
 CAST_MAX = {torch.float16: 65504.0, torch.bfloat16: 3.3895e38, torch.float32: 3.4028e38, torch.float64: float("inf")}
 
 
+_EXACT = False
+
+
+@contextmanager
+def exact_arithmetic() -> Iterator[None]:
+    """Bounds for the model in *exact* arithmetic (no rounding terms) inside the block.
+
+    Not sound for any float execution: for measuring what the rounding terms cost
+    (``tools/bench/rounding.py``) and for tests of the exact relaxations. Applies to bound
+    modules whose first bound pass runs inside the block."""
+    global _EXACT
+    old, _EXACT = _EXACT, True
+    try:
+        yield
+    finally:
+        _EXACT = old
+
+
+def activation_error() -> float:
+    """:data:`ACTIVATION_ERROR`, or 0 inside :func:`exact_arithmetic`."""
+    return 0.0 if _EXACT else ACTIVATION_ERROR
+
+
 def gamma(n: int) -> float:
     """``γ_n = n·u / (1 − n·u)`` for float32."""
     nu = n * U32
@@ -71,11 +97,15 @@ def gamma(n: int) -> float:
 def engine_gamma(max_fan_in: int) -> float:
     """The error factor of a rule: ``2·γ_N`` with ``N`` the fan-in plus :data:`FUSION_SLACK`
     (see the module docstring for why 2 and why the slack)."""
+    if _EXACT:
+        return 0.0
     return 2.0 * gamma(max(1, max_fan_in) + FUSION_SLACK)
 
 
 def absolute_slack(n: int) -> float:
     """Absolute error of ``n`` underflowing (or flushed-to-zero) terms."""
+    if _EXACT:
+        return 0.0
     return (n + FUSION_SLACK) * TINY
 
 

@@ -233,34 +233,9 @@ class ReluSplitBounder:
 
 def _backward_lower(bm: Any, ctx: Any, lA: torch.Tensor, alphas: dict[Any, torch.Tensor],
                     inject: dict[Any, torch.Tensor], record: dict[Any, torch.Tensor] | None = None) -> torch.Tensor:
-    """The engine's CROWN backward pass (lower bound only) with extra linear terms added at
-    intermediate nodes (the β terms of split constraints). ``record`` receives, for every
-    ReLU input node, the coefficients reaching the ReLU's output (for branching scores)."""
-    B, S = lA.shape[0], lA.shape[1]
-    lb = torch.zeros(B, S, device=lA.device, dtype=lA.dtype)
-    pending: dict[Any, torch.Tensor] = {bm.output_node: lA}
-    start_pos = bm.pert.index(bm.output_node)
-    for node in reversed(bm.pert[: start_pos + 1]):
-        if node not in pending:
-            continue
-        nl = pending.pop(node)
-        if node in inject:
-            nl = nl + inject[node]
-        if node is bm.input_node:
-            lb = lb + ctx.inset.concretize(nl, -1.0)
-            continue
-        rule = bm.rules[node]
-        vals = bm._resolve(rule, ctx.values)
-        if record is not None and getattr(rule, "alpha_capable", False):
-            record[rule.leaves[rule.pert[0]]] = nl.detach()
-        if node in alphas:
-            outs, bl, _ = rule.backward(nl, None, vals, alpha=alphas[node])
-        else:
-            outs, bl, _ = rule.backward(nl, None, vals)
-        lb = lb + bl
-        for i, (al, _au) in zip(rule.pert, outs):
-            if al is None:
-                continue
-            src = rule.leaves[i]
-            pending[src] = al if src not in pending else pending[src] + al
+    """The engine's CROWN backward pass (lower bound only, with its rounding terms) with extra
+    linear terms added at intermediate nodes (the β terms of split constraints). ``record``
+    receives, for every ReLU input node, the coefficients reaching the ReLU's output (for
+    branching scores)."""
+    lb, _ = bm.backward(ctx, bm.output_node, lA, None, alphas=alphas, inject=inject, record=record)
     return lb

@@ -15,7 +15,7 @@ from torch import nn
 
 from certonnx.bounds.core import Interval
 from certonnx.bounds.registry import AMat, Rule, Value, register
-from certonnx.bounds.rounding import ACTIVATION_ERROR
+from certonnx.bounds.rounding import activation_error
 from certonnx.errors import UnsupportedOpError
 
 _TINY = 1e-12
@@ -193,7 +193,9 @@ class _SShapedRule(ActivationRule):
       lines through ``(l, f(l))`` and ``(u, f(u))`` are a lower and an upper bound.
     """
 
-    impl_error = ACTIVATION_ERROR
+    @property
+    def impl_error(self) -> float:  # type: ignore[override]
+        return activation_error()
 
     def f(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

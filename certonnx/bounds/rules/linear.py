@@ -102,6 +102,11 @@ class _WeightedRule(Rule):
         """A per-output bias shaped to broadcast against an output tensor ``like``."""
         return b
 
+    def patch_norm(self, m: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """L2 norm of the inputs each output reads, broadcastable against the output (for a
+        dense layer: the whole last axis)."""
+        return m.norm(dim=-1, keepdim=True)
+
     def rounding(self, itv: Interval, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """Per output element: how far the float32 result (the model's, and the engine's own)
         can be from the exact ``W x + b`` for any ``x`` in ``itv``. Cached per input interval."""
@@ -131,10 +136,17 @@ class _WeightedRule(Rule):
             bmag = b.abs()
         c = self.apply(itv.center, w, b)
         aw = self.abs_weight(w)
-        # radius and magnitude through |W| in one call: (r, |c| + r) stacked on the batch axis
-        n = itv.radius.shape[0]
-        both = self.apply(torch.cat([itv.radius, itv.center.abs() + itv.radius]), aw, None)
-        r, m_out = both[:n], both[n:]
+        if torch.is_grad_enabled() and w.requires_grad:
+            # training: |W| m ≤ ‖W_row‖₂ ‖m_patch‖₂ (Cauchy–Schwarz) costs no second product;
+            # the allowance is a little larger, and still sound
+            r = self.apply(itv.radius, aw, None)
+            with torch.no_grad():
+                m_out = self.rownorm(w.detach()) * self.patch_norm((itv.center.abs() + itv.radius).detach(), w)
+        else:
+            # radius and magnitude through |W| in one call: (r, |c| + r) stacked on the batch axis
+            n = itv.radius.shape[0]
+            both = self.apply(torch.cat([itv.radius, itv.center.abs() + itv.radius]), aw, None)
+            r, m_out = both[:n], both[n:]
         err = self._err(m_out, bmag)
         self._round_cache = (itv, w, err) if wb is None else None
         out = Interval.from_center(c, r + err)
@@ -269,6 +281,13 @@ class ConvRule(_WeightedRule):
 
     def bias_view(self, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return b.view(-1, *([1] * (like.ndim - 2)))
+
+    def patch_norm(self, m: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # each output reads one patch of its group's channels; the patch over all channels
+        # (a one-channel convolution of m² with ones) is at least as large
+        nd, stride, pad, dil, _ = self._params()
+        ones = torch.ones((1, m.shape[1], *w.shape[2:]), dtype=m.dtype, device=m.device)
+        return _CONV_FN[nd](m * m, ones, None, stride, pad, dil, 1).clamp_min(0).sqrt()
 
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
         nd, stride, pad, dil, groups = self._params()
