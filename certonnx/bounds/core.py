@@ -162,7 +162,12 @@ class InputSet:
         if torch.any(self.eps < 0):
             raise ValueError("eps must be non-negative")
         epsb = self.eps.view(-1, *([1] * (x.ndim - 1)))
-        lo, hi = x - epsb, x + epsb
+        # x ± ε in float32 (and ε itself, converted from the user's decimal) round: widen by
+        # 2u(|x| + ε) so that every float32 input within ε of x is inside the box
+        slack = (x.abs() + epsb) * (2 * U32) if bool((self.eps > 0).any()) else 0.0
+        lo, hi = x - epsb - slack, x + epsb + slack
+        if norm == "l2":
+            self.eps = self.eps * (1 + 4 * U32)
         if domain is not None:
             dlo = torch.as_tensor(domain[0], dtype=x.dtype, device=x.device)
             dhi = torch.as_tensor(domain[1], dtype=x.dtype, device=x.device)
