@@ -122,9 +122,36 @@ def test_resume_is_identical(tmp_path: Path, method: str) -> None:
     sa, sb = full.state_dict(), resumed.state_dict()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
-    ck = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    ck = torch.load(tmp_path / "b" / "last.pt", weights_only=True)  # tensors and plain data only
     assert {"model", "optimizer", "scheduler", "epoch", "rng", "config", "log"} <= set(ck)
     assert ck["epoch"] == 2
+
+
+class _Payload:
+    """An object whose unpickling runs code (here: it would create a marker file)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_hostile_checkpoint_is_refused_and_never_executed(tmp_path: Path) -> None:
+    """A checkpoint folder written by someone else must not run their code on --resume."""
+    x, y = synthetic_xy(32)
+    ck_dir = tmp_path / "ck"
+    Trainer(small_mlp(), x, y, _cfg("ibp", epochs=1, checkpoint_dir=str(ck_dir)), progress=False).fit()
+    st = torch.load(ck_dir / "last.pt", weights_only=True)
+    marker = tmp_path / "pwned"
+    st["log"].append({"note": _Payload(str(marker))})
+    torch.save(st, ck_dir / "last.pt")
+    tr = Trainer(small_mlp(), x, y, _cfg("ibp", epochs=2, checkpoint_dir=str(ck_dir)), progress=False)
+    with pytest.raises(TrainingError, match="refusing checkpoint"):
+        tr.fit(resume=True)
+    assert not marker.exists()
 
 
 def test_resume_refuses_other_settings(tmp_path: Path) -> None:

@@ -209,8 +209,16 @@ class Trainer:
         p = Path(path) if path is not None else self.checkpoint_path
         if p is None or not p.exists():
             return False
+        import pickle
+
         try:
-            st = torch.load(p, map_location=self.dev, weights_only=False)
+            # tensors and plain containers only: unpickling arbitrary objects would run code
+            # from whoever wrote the checkpoint folder
+            st = torch.load(p, map_location=self.dev, weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainingError(f"refusing checkpoint {p}: it holds objects other than tensors and plain "
+                                f"data, which loading would execute ({first})") from e
         except Exception as e:  # noqa: BLE001 - torch raises many types on corrupt files
             raise TrainingError(f"cannot read checkpoint {p}: {e}") from e
         if not isinstance(st, dict) or st.get("format") != "certonnx.train/1":
