@@ -4,13 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench clean lock
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[dev]'
+# pyproject.toml declares ranges; constraints.txt pins the exact, tested set
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -26,6 +27,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench/bounds.py
+
+lock: $(STAMP)
+	{ echo "# Exact versions for reproducible set-up and CI (make venv / make test use them with pip -c)."; \
+	  echo "# pyproject.toml declares the supported ranges; regenerate with: make lock"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^certonnx'; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info
