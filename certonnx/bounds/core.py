@@ -100,6 +100,13 @@ class Interval:
             self._radius = torch.sub(self._upper, self._lower).mul_(0.5)  # type: ignore[arg-type]
         return self._radius
 
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the bounded tensor (without converting between the two representations)."""
+        t = self._lower if self._lower is not None else self._center
+        assert t is not None
+        return t.shape
+
     def widen(self, e: torch.Tensor | float) -> Interval:
         """The interval grown by ``e`` (≥ 0) on both sides: room for rounding errors. The ball,
         which describes exact values, is dropped."""

@@ -76,6 +76,15 @@ class _Ctx:
     inset: InputSet
 
 
+def _no_nan(lb: torch.Tensor, ub: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A NaN bound (inf − inf after an overflow, e.g. of a float16 cast) claims nothing: make it
+    −inf / +inf, so that no comparison downstream can read it as a proof."""
+    lb = torch.where(torch.isnan(lb), torch.full_like(lb, -torch.inf), lb)
+    if ub is not None:
+        ub = torch.where(torch.isnan(ub), torch.full_like(ub, torch.inf), ub)
+    return lb, ub
+
+
 class BoundedModule:
     """A model ready for bound computation.
 
@@ -180,10 +189,7 @@ class BoundedModule:
         bn = self.rules[bn_node]
         bvals = [None if a is node else (env[a] if isinstance(a, fx.Node) else a) for a in bn.leaves]
         scale, shift = bn.scale_shift(bvals)  # type: ignore[attr-defined]
-        tensors = [t for t in (*bvals[1:], *(bn.module.parameters() if bn.module is not None else ()),
-                               *(bn.module.buffers() if bn.module is not None else ())) if isinstance(t, torch.Tensor)]
-        key = tuple(x for t in tensors for x in (t, t._version))
-        wf, bf, bmag = rule.fused_weight_bias(vals, scale, shift, key)  # type: ignore[attr-defined]
+        wf, bf, bmag = rule.fused_weight_bias(vals, scale, shift)  # type: ignore[attr-defined]
         return rule.ibp(vals, (wf, bf), bmag)  # type: ignore[call-arg]
 
     # -- graph evaluation --------------------------------------------------------------------
@@ -244,6 +250,7 @@ class BoundedModule:
             rule = self.rules.get(node)
             if rule is None or node in self._shape_nodes:
                 continue
+            rule.check_batch(self._resolve(rule, ctx.values))
             n = max(0, int(rule.fan_in(self._resolve(rule, ctx.values))))
             if getattr(rule, "fusable_addend", False):
                 # fused into its producer's accumulation, it sums as many terms as the producer
@@ -292,6 +299,9 @@ class BoundedModule:
                 env[node] = Folded(fused)
                 continue
             itv = rule.ibp(vals)
+            if len(itv.shape) == 0 or itv.shape[0] != inset.batch:
+                raise UnsupportedOpError(rule.label, node.name, "the op mixes the samples of a batch "
+                                         f"(batch {inset.batch} in, output shape {tuple(itv.shape)})")
             if not self._shapes_known:
                 rule.in_shapes = [tuple(vals[i].lower.shape[1:]) for i in rule.pert]  # type: ignore[union-attr]
                 rule.out_shape = tuple(itv.lower.shape[1:])
@@ -543,6 +553,9 @@ class BoundedModule:
         ctx = self.ibp_pass(inset)
         out_itv: Interval = ctx.values[self.output_node]  # type: ignore[assignment]
         out_shape = out_itv.lower.shape[1:]
+        if len(out_shape) == 0:
+            raise UnsupportedOpError("graph", detail="the output has no axis besides the batch (shape (N,)): "
+                                                     "give it a trailing axis, e.g. (N, 1)")
         B = inset.batch
         if C is None:
             K = out_itv.lower[0].numel()
@@ -552,7 +565,8 @@ class BoundedModule:
         C = C.to(dtype=inset.x.dtype, device=inset.x.device)
         uC = C if upper else None
         if method == "ibp":
-            return self.backward(ctx, self.output_node, C, uC, stop=self._is_stop_for_ibp)  # type: ignore[return-value]
+            lb, ub = self.backward(ctx, self.output_node, C, uC, stop=self._is_stop_for_ibp)
+            return _no_nan(lb, ub)  # type: ignore[arg-type]
         if method in ("crown", "alpha-crown"):
             self._crown_intermediate(ctx, chunk_bytes)
         lb, ub = self.backward(ctx, self.output_node, C, uC)
@@ -564,7 +578,7 @@ class BoundedModule:
         lb = torch.maximum(lb, concretize_interval(C, out_itv, -1.0))  # type: ignore[arg-type]
         if ub is not None:
             ub = torch.minimum(ub, concretize_interval(C, out_itv, 1.0))  # type: ignore[arg-type]
-        return lb, ub  # type: ignore[return-value]
+        return _no_nan(lb, ub)
 
     def _optimize_alpha(
         self, ctx: _Ctx, C: torch.Tensor, lb0: torch.Tensor, steps: int, lr: float

@@ -56,7 +56,11 @@ def node_constants(bm: BoundedModule, norm: str) -> dict[fx.Node, float]:
         label = rule.label
         with torch.no_grad():
             if label in ("Add", "Sub") and len(rule.pert) == 2:
-                consts[node] = ins[0] + ins[1]
+                # ‖Δa + Δb‖ ≤ ‖Δa‖ + ‖Δb‖, where an operand broadcast to m× its size has
+                # ‖Δ‖₂ multiplied by √m (each element copied m times); L∞ is unchanged by copies
+                n_out = math.prod(rule.out_shape)
+                mult = [math.sqrt(n_out / max(1, math.prod(s))) if norm == "l2" else 1.0 for s in rule.in_shapes]
+                consts[node] = ins[0] * mult[0] + ins[1] * mult[1]
                 continue
             if label == "Concat":
                 consts[node] = _combine(norm, ins)

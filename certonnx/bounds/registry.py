@@ -123,6 +123,11 @@ class Rule:
 
         raise UnsupportedOpError(self.label, self.node.name, "no float-error propagation rule")
 
+    def check_batch(self, vals: Sequence[Value]) -> None:
+        """Raise :class:`UnsupportedOpError` if the op mixes the samples of a batch (a slice or
+        flip along the batch axis, a constant with a batch dimension): the engine bounds every
+        sample on its own. Called once, when the shapes are first known."""
+
     def fan_in(self, vals: Sequence[Value]) -> int:
         """Terms of the longest float sum behind one output element (0: the op is exact in
         floating point, like a ReLU or a reshape). The engine sizes the graph's rounding-error

@@ -7,6 +7,7 @@ positive coefficients take the lower line, negative ones the upper line.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -298,17 +299,22 @@ class ClipRule(ActivationRule):
             if self.node.target is F.hardtanh:
                 lo = -1.0 if lo is None else lo
                 hi = 1.0 if hi is None else hi
-        def num(v):  # type: ignore[no-untyped-def]
+        def num(v, none_at: float):  # type: ignore[no-untyped-def]
             if v is None:
                 return None
             if isinstance(v, torch.Tensor):
                 if v.numel() != 1:
                     raise UnsupportedOpError(self.label, self.node.name, "only scalar limits are supported")
-                return float(v)
+                v = float(v)
             if not isinstance(v, (int, float)):
                 raise UnsupportedOpError(self.label, self.node.name, "limits must be constants")
-            return float(v)
-        return num(lo), num(hi)
+            v = float(v)
+            if v == none_at:  # min = −inf / max = +inf clip nothing (exporters write them for "none")
+                return None
+            if math.isinf(v) or math.isnan(v):
+                raise UnsupportedOpError(self.label, self.node.name, f"limit {v} (an infinite or NaN clip value)")
+            return v
+        return num(lo, -math.inf), num(hi, math.inf)
 
     def check(self, gm) -> None:  # type: ignore[no-untyped-def]
         super().check(gm)

@@ -107,6 +107,15 @@ class BinaryArithRule(Rule):
     def forward_error(self, vals: Sequence[Value]) -> torch.Tensor:
         return self.rounding(vals)
 
+    def check_batch(self, vals: Sequence[Value]) -> None:
+        if len(self.pert) == 2:
+            return
+        a, b = self._operands(vals)
+        c = b if self.pert == [0] else a
+        if isinstance(c, torch.Tensor) and c.ndim == len(self.out_shape) + 1 and c.shape[0] != 1:
+            raise UnsupportedOpError(self.op or "Arith", self.node.name,
+                                     f"constant operand of shape {tuple(c.shape)} has a batch dimension")
+
     def propagate_error(self, vals: Sequence[Value], errs: Sequence[torch.Tensor]) -> torch.Tensor:
         a, b = self._operands(vals)
         if len(self.pert) == 2:
@@ -229,7 +238,7 @@ def _affine_ball(itv: Interval, k: object, c: object, out: torch.Tensor,
     n_in, n_out = center[0].numel(), new_center[0].numel()
     if n_out % n_in:
         return None
-    kmax = float(torch.as_tensor(k).abs().max()) if not isinstance(k, (int, float)) else abs(float(k))
+    kmax = float(torch.as_tensor(k).detach().abs().max()) if not isinstance(k, (int, float)) else abs(float(k))
     e = torch.broadcast_to(err, out.shape).flatten(1).norm(dim=1)
     return new_center, eps * kmax * math.sqrt(n_out // n_in) + e
 

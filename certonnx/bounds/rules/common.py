@@ -144,6 +144,32 @@ class MonotoneLinearRule(Rule):
     def lipschitz(self, vals: Sequence[Value], norm: str) -> float | None:
         return nonnegative_map_norm(self, vals, norm)
 
+    def check_batch(self, vals: Sequence[Value]) -> None:
+        check_per_sample(self, vals)
+
+
+def check_per_sample(rule: Rule, vals: Sequence[Value]) -> None:
+    """The op applied to a batch of two distinct samples must equal the op applied to each alone
+    (sample ``i`` of the output depends on sample ``i`` of the input only)."""
+    from certonnx.errors import UnsupportedOpError
+
+    (i,) = rule.pert[:1]
+    ref = next((v for v in vals if isinstance(v, Interval)), None)
+    dtype = ref.lower.dtype if ref is not None else torch.float32
+    g = torch.Generator().manual_seed(0)
+    z = torch.rand((2, *rule.in_shapes[0]), generator=g, dtype=torch.float64).to(dtype) + 0.5
+    with torch.no_grad():
+        try:
+            both = rule.call_with(vals, {i: z})
+            one = [rule.call_with(vals, {i: z[k:k + 1]}) for k in range(2)]
+        except RuntimeError as e:
+            raise UnsupportedOpError(rule.label, rule.node.name, f"the op does not act sample by sample ({e})") from e
+    ok = (isinstance(both, torch.Tensor) and both.shape[0] == 2
+          and all(o.shape[0] == 1 and o.shape[1:] == both.shape[1:] and torch.equal(both[k:k + 1], o)
+                  for k, o in enumerate(one)))
+    if not ok:
+        raise UnsupportedOpError(rule.label, rule.node.name, "the op mixes the samples of a batch")
+
 
 def nonnegative_map_norm(rule: Rule, vals: Sequence[Value], norm: str) -> float | None:
     """Induced norm of a linear map ``A`` with non-negative entries (the op at ``pert[0]``).

@@ -28,19 +28,12 @@ def _ball_radius(itv: Interval, rownorm: torch.Tensor, center_out: torch.Tensor)
 class _WeightedRule(Rule):
     """Shared IBP for affine layers: centre through the layer, radius through |W|."""
 
-    _abs_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
-
     def abs_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """|W|, cached while the weight is unchanged and no gradient is needed (certification).
-
-        The cache holds the weight tensor itself (so its identity cannot be reused by another
-        tensor) and its version counter (bumped by every in-place update)."""
-        if (torch.is_grad_enabled() and w.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(w):
-            return w.abs()
-        c = self._abs_cache
-        if c is None or c[0] is not w or c[1] != w._version:
-            self._abs_cache = (w, w._version, w.detach().abs())
-        return self._abs_cache[2]  # type: ignore[index]
+        """|W|, recomputed on every call. A cache keyed on the tensor's version counter went
+        stale when weights were changed through ``.data`` (which has a version counter of its
+        own: ``w.data.copy_(...)``, ``dist.broadcast(w.data)``), giving bounds of the old
+        weights; |W| costs one pass over the weights, little beside the product it feeds."""
+        return w.abs()
 
     def weight_bias(self, vals: Sequence[Value]) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
@@ -60,29 +53,17 @@ class _WeightedRule(Rule):
         if len(self.pert) != 1 or self.pert[0] != 0:
             raise UnsupportedOpError(self.label, self.node.name, "weights must not depend on the input")
 
-    _fused_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-
-    def fused_weight_bias(self, vals: Sequence[Value], scale: torch.Tensor, shift: torch.Tensor,
-                          key: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def fused_weight_bias(self, vals: Sequence[Value], scale: torch.Tensor, shift: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Weights and bias of this layer followed by a per-output-channel affine map (an eval-mode
         BatchNorm): ``W' = s ⊙ W``, ``b' = s ⊙ b + t``, and the bias *magnitude*
         ``|s|·|b| + |t|`` for the rounding error (``b'`` may cancel to ~0 while the two ops, run
         separately, round ``s·b`` and ``t``). IBP then spends no element-wise passes on the
-        BatchNorm. Cached, like |W|, while ``key`` (the tensors involved and their version
-        counters, the layer's weight *and bias* included) is unchanged and no gradient is needed."""
+        BatchNorm. Not cached, for the reason given in :meth:`abs_weight`."""
         w, b = self.weight_bias(vals)
-        grad = torch.is_grad_enabled() and (w.requires_grad or scale.requires_grad)
-        full_key = (w, w._version, b, (b._version if b is not None else None), *key)
-        c = self._fused_cache
-        if not grad and c is not None and len(c[0]) == len(full_key) and all(
-                a is k if isinstance(k, torch.Tensor) or k is None else a == k for a, k in zip(c[0], full_key)):
-            return c[1]
         wf = w * self.per_output(scale, w)
         bf = shift if b is None else b * scale + shift
         bmag = shift.abs() if b is None else (b * scale).abs() + shift.abs()
-        if not grad:
-            wf, bf, bmag = wf.detach(), bf.detach(), bmag.detach()
-            self._fused_cache = (full_key, (wf, bf, bmag))
         return wf, bf, bmag
 
     def fan_in(self, vals: Sequence[Value]) -> int:

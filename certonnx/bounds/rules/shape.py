@@ -13,7 +13,13 @@ from torch import fx, nn
 from certonnx.bounds.core import Interval
 from certonnx.bounds.registry import AMat, Rule, Value, register
 from certonnx.bounds.rounding import CAST_MAX, CAST_TINY, CAST_UNIT
-from certonnx.bounds.rules.common import MonotoneLinearRule, const_for_A, sum_bias, with_rounding
+from certonnx.bounds.rules.common import (
+    MonotoneLinearRule,
+    check_per_sample,
+    const_for_A,
+    sum_bias,
+    with_rounding,
+)
 from certonnx.errors import UnsupportedOpError
 
 
@@ -52,6 +58,9 @@ class ReshapeRule(Rule):
 
     def propagate_error(self, vals: Sequence[Value], errs: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.call_with(vals, {0: errs[0]})
+
+    def check_batch(self, vals: Sequence[Value]) -> None:
+        check_per_sample(self, vals)
 
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
         shp = self.in_shapes[0]
