@@ -68,9 +68,12 @@ def _bound(model: object, x: torch.Tensor, y: torch.Tensor, eps: float, domain: 
         inset = InputSet(x, eps, "linf", domain)
         C = margin_matrix(y, 10)
         bm.compute(InputSet(x[:1], eps, "linf", domain), C[:1], method="ibp")  # warm-up, sizes factors
-        t0 = time.perf_counter()
-        lb, _ = bm.compute(inset, C, method=method, upper=False)
-        return lb, time.perf_counter() - t0
+        best = float("inf")
+        for _ in range(3):  # best of 3: the machine may be shared
+            t0 = time.perf_counter()
+            lb, _ = bm.compute(inset, C, method=method, upper=False)
+            best = min(best, time.perf_counter() - t0)
+        return lb, best
 
 
 class _null:
@@ -108,7 +111,7 @@ def main() -> None:
         f"lower bounds of the first {args.n} correctly classified images of the bundled MNIST sample, L∞ ball "
         "intersected with [0, 1], with the float32 rounding terms (sound for the model as onnxruntime runs it; "
         "docs/bounds.md) and without them (exact arithmetic only). Δ = exact − sound (≥ 0: the price of "
-        "soundness); time = sound / exact.\n\n"
+        "soundness); time = sound / exact, best of 3 each.\n\n"
         "| net | ε | method | mean lb, exact | mean lb, sound | mean Δ | max Δ | certified, exact | certified, sound | time |\n"
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows)
     )
