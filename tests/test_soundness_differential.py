@@ -263,7 +263,7 @@ def test_every_registered_family_builds() -> None:
         assert torch.equal(a.x, b.x)
 
 
-@pytest.mark.parametrize("how", ["data_copy", "data_assign", "inplace_no_grad"])
+@pytest.mark.parametrize("how", ["data_copy", "data_assign", "inplace_no_grad", "bias_inplace"])
 def test_bounds_follow_in_place_weight_updates(how: str) -> None:
     """A BoundedModule that lives across weight updates (training, then certification) must bound
     the model as it is now. Updates through ``.data`` (weight clipping, EMA, ``dist.broadcast(
@@ -288,6 +288,8 @@ def test_bounds_follow_in_place_weight_updates(how: str) -> None:
             net[1].running_mean.data.add_(1.0)
         elif how == "data_assign":
             net[0].weight.data = net[0].weight.data * 3
+        elif how == "bias_inplace":  # the bias of the layer folded into the BatchNorm (IBP)
+            net[0].bias.add_(5.0)
         else:
             net[0].weight.mul_(3)
         y = net(x)
