@@ -220,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay", nargs="+", metavar="CASE_ID", help="rerun these case ids (family/seed or "
                     "regress/NAME; regression names: " + ", ".join(REGRESSIONS) + ")")
     ap.add_argument("--rel-tol", type=float, default=None, help="containment tolerance relative to 1 + max|output| "
-                    "(default: the documented 1e-5; 0 = strict)")
+                    "(default 0: strict containment)")
     ap.add_argument("--alpha-steps", type=int, default=None, help="alpha-CROWN steps per bound (default 3)")
-    ap.add_argument("--progress", type=float, default=5.0, help="seconds between progress lines (default 3)")
+    ap.add_argument("--progress", type=float, default=5.0, help="seconds between progress lines (default 5)")
     ap.add_argument("--no-lipschitz", action="store_true", help="skip the Lipschitz checks")
     ap.add_argument("--case-timeout", type=float, default=120.0, help="seconds before a case's worker is killed "
                     "and the case recorded as failed (default 120)")
