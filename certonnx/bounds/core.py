@@ -16,6 +16,12 @@ from certonnx.bounds.rounding import U32, absolute_slack, engine_gamma
 NORMS = ("linf", "l2")
 
 
+def per_sample_flat(t: torch.Tensor, lead: int = 1) -> torch.Tensor:
+    """``t`` with everything after its first ``lead`` axes in one axis (also for tensors with
+    no per-sample axis at all, e.g. a scalar per sample of shape ``(B,)`` or ``(B, S)``)."""
+    return t.reshape(*t.shape[:lead], -1)
+
+
 def box_concretize(Af: torch.Tensor, c: torch.Tensor, r: torch.Tensor, sign: float,
                    x0: torch.Tensor | None = None, eps: torch.Tensor | None = None) -> torch.Tensor:
     """min (sign=-1) / max (sign=+1) of ``Af · v`` over the box ``c ± r`` (and, with ``x0`` and
@@ -173,8 +179,9 @@ class InputSet:
         # 2u(|x| + ε) so that every float32 input within ε of x is inside the box
         slack = (x.abs() + epsb) * (2 * U32) if bool((self.eps > 0).any()) else 0.0
         lo, hi = x - epsb - slack, x + epsb + slack
-        if norm == "l2":
-            self.eps = self.eps * (1 + 4 * U32)
+        #: the radius the L2 bounds use: ε widened by its float32 conversion (``eps`` stays the
+        #: nominal radius, so a set built from another set's ``eps`` is the same set)
+        self.ball_eps = self.eps * (1 + 4 * U32)
         if domain is not None:
             dlo = torch.as_tensor(domain[0], dtype=x.dtype, device=x.device)
             dhi = torch.as_tensor(domain[1], dtype=x.dtype, device=x.device)
@@ -193,6 +200,7 @@ class InputSet:
         self.x = (lower + upper) / 2
         self.norm = "linf"
         self.eps = ((upper - lower) / 2).flatten(1).amax(1)
+        self.ball_eps = self.eps
         self.lower, self.upper = lower, upper
         return self
 
@@ -202,7 +210,7 @@ class InputSet:
 
     def interval(self) -> Interval:
         """The enclosing box; for L2 it also carries the ball for the first layer's dual norm."""
-        ball = (self.x, self.eps) if self.norm == "l2" else None
+        ball = (self.x, self.ball_eps) if self.norm == "l2" else None
         return Interval(self.lower, self.upper, ball)
 
     def concretize(self, A: torch.Tensor, sign: float) -> torch.Tensor:
@@ -213,8 +221,8 @@ class InputSet:
         c = ((self.upper + self.lower) / 2).flatten(1).unsqueeze(-1)
         r = ((self.upper - self.lower) / 2).flatten(1).unsqueeze(-1)
         if self.norm == "linf":
-            return box_concretize(A.flatten(2), c, r, sign)
-        return box_concretize(A.flatten(2), c, r, sign, self.x.flatten(1).unsqueeze(-1), self.eps)
+            return box_concretize(per_sample_flat(A, 2), c, r, sign)
+        return box_concretize(per_sample_flat(A, 2), c, r, sign, self.x.flatten(1).unsqueeze(-1), self.ball_eps)
 
 
 def margin_matrix(y: torch.Tensor, num_classes: int) -> torch.Tensor:

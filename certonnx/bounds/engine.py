@@ -189,7 +189,7 @@ class BoundedModule:
         bn = self.rules[bn_node]
         bvals = [None if a is node else (env[a] if isinstance(a, fx.Node) else a) for a in bn.leaves]
         scale, shift = bn.scale_shift(bvals)  # type: ignore[attr-defined]
-        wf, bf, bmag = rule.fused_weight_bias(vals, scale, shift)  # type: ignore[attr-defined]
+        wf, bf, bmag = rule.fused_weight_bias(vals, scale, shift, bn.shift_magnitude(bvals))  # type: ignore[attr-defined]
         return rule.ibp(vals, (wf, bf), bmag)  # type: ignore[call-arg]
 
     # -- graph evaluation --------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certonnx.bounds.core import Interval
+from certonnx.bounds.core import Interval, per_sample_flat
 from certonnx.bounds.registry import AMat, Rule, Value, register
 from certonnx.bounds.rounding import activation_error
 from certonnx.errors import UnsupportedOpError
@@ -91,11 +91,11 @@ class ActivationRule(Rule):
                 llw, llb, _, _ = self.relax(l, u, vals, alpha)
             pos, neg = lA.clamp(min=0), lA.clamp(max=0)
             nl = pos * llw + neg * uw
-            bl = (pos * llb + neg * ub).flatten(2).sum(2)
+            bl = per_sample_flat(pos * llb + neg * ub, 2).sum(2)
         if uA is not None:
             pos, neg = uA.clamp(min=0), uA.clamp(max=0)
             nu = pos * uw + neg * lw
-            bu = (pos * ub + neg * lb).flatten(2).sum(2)
+            bu = per_sample_flat(pos * ub + neg * lb, 2).sum(2)
         return [(nl, nu)], bl, bu
 
     def lipschitz(self, vals: Sequence[Value], norm: str) -> float | None:

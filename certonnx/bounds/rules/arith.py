@@ -239,7 +239,7 @@ def _affine_ball(itv: Interval, k: object, c: object, out: torch.Tensor,
     if n_out % n_in:
         return None
     kmax = float(torch.as_tensor(k).detach().abs().max()) if not isinstance(k, (int, float)) else abs(float(k))
-    e = torch.broadcast_to(err, out.shape).flatten(1).norm(dim=1)
+    e = torch.broadcast_to(err, out.shape).reshape(out.shape[0], -1).norm(dim=1)
     return new_center, eps * kmax * math.sqrt(n_out // n_in) + e
 
 

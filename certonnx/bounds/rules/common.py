@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from certonnx.bounds.core import Interval, box_concretize
+from certonnx.bounds.core import Interval, box_concretize, per_sample_flat
 from certonnx.bounds.registry import AMat, Rule, Value
 
 
@@ -41,7 +41,8 @@ def const_for_A(c: torch.Tensor | float, y_ndim: int) -> torch.Tensor | float:
 
 def concretize_interval(A: torch.Tensor, itv: Interval, sign: float) -> torch.Tensor:
     """min (sign=-1) / max (sign=+1) of ``A · v`` over the box ``itv``: ``(B, S)``."""
-    return box_concretize(A.flatten(2), itv.center.flatten(1).unsqueeze(-1), itv.radius.flatten(1).unsqueeze(-1), sign)
+    return box_concretize(per_sample_flat(A, 2), per_sample_flat(itv.center).unsqueeze(-1),
+                          per_sample_flat(itv.radius).unsqueeze(-1), sign)
 
 
 def rounding_term(A: AMat, err: torch.Tensor) -> torch.Tensor | float:
@@ -49,7 +50,7 @@ def rounding_term(A: AMat, err: torch.Tensor) -> torch.Tensor | float:
     rounding error ``err`` (one value per output element, ``(B, *out)`` or broadcastable)."""
     if A is None:
         return 0.0
-    return (A.abs() * err.unsqueeze(1)).flatten(2).sum(2)
+    return per_sample_flat(A.abs() * err.unsqueeze(1), 2).sum(2)
 
 
 def with_rounding(bl: torch.Tensor | float, bu: torch.Tensor | float, lA: AMat, uA: AMat,
@@ -75,7 +76,7 @@ def sum_bias(A: AMat, c: torch.Tensor) -> torch.Tensor | float:
     """``A · c`` summed over the per-sample dims: ``(B, S)``; c broadcasts to A's trailing dims."""
     if A is None:
         return 0.0
-    return (A * c).flatten(2).sum(2)
+    return per_sample_flat(A * c, 2).sum(2)
 
 
 class MonotoneLinearRule(Rule):
@@ -133,7 +134,7 @@ class MonotoneLinearRule(Rule):
         g = g.reshape(B, S, *self.in_shapes[0])
         # offset of the op at zero (non-zero only for constant padding)
         off = out.detach().reshape(B, S, *self.out_shape)
-        bias_all = (A * off).flatten(2).sum(2)
+        bias_all = per_sample_flat(A * off, 2).sum(2)
         nl, nu = unstack_A(g, sizes, lA, uA)
         bl, bu = unstack_A(bias_all, sizes, lA, uA)
         bl_, bu_ = (bl if bl is not None else 0.0), (bu if bu is not None else 0.0)
@@ -149,8 +150,12 @@ class MonotoneLinearRule(Rule):
 
 
 def check_per_sample(rule: Rule, vals: Sequence[Value]) -> None:
-    """The op applied to a batch of two distinct samples must equal the op applied to each alone
-    (sample ``i`` of the output depends on sample ``i`` of the input only)."""
+    """If the op maps a batch of two to a batch of two, each output sample must equal the op
+    applied to that sample alone (a flip or a permutation of the batch axis is refused).
+
+    Ops that only run at one batch size (``view(1, -1)`` of a batch-1 export) are left alone
+    here: at any other batch size their output's first axis is not the batch, which every bound
+    pass refuses (``BoundedModule._ibp_pass``)."""
     from certonnx.errors import UnsupportedOpError
 
     (i,) = rule.pert[:1]
@@ -162,12 +167,12 @@ def check_per_sample(rule: Rule, vals: Sequence[Value]) -> None:
         try:
             both = rule.call_with(vals, {i: z})
             one = [rule.call_with(vals, {i: z[k:k + 1]}) for k in range(2)]
-        except RuntimeError as e:
-            raise UnsupportedOpError(rule.label, rule.node.name, f"the op does not act sample by sample ({e})") from e
-    ok = (isinstance(both, torch.Tensor) and both.shape[0] == 2
-          and all(o.shape[0] == 1 and o.shape[1:] == both.shape[1:] and torch.equal(both[k:k + 1], o)
-                  for k, o in enumerate(one)))
-    if not ok:
+        except RuntimeError:
+            return  # batch-size specific: refused at bound time for other sizes
+    if not (isinstance(both, torch.Tensor) and both.ndim > 0 and both.shape[0] == 2
+            and all(o.ndim > 0 and o.shape[0] == 1 and o.shape[1:] == both.shape[1:] for o in one)):
+        return
+    if not all(torch.equal(both[k:k + 1], o) for k, o in enumerate(one)):
         raise UnsupportedOpError(rule.label, rule.node.name, "the op mixes the samples of a batch")
 
 

@@ -53,17 +53,17 @@ class _WeightedRule(Rule):
         if len(self.pert) != 1 or self.pert[0] != 0:
             raise UnsupportedOpError(self.label, self.node.name, "weights must not depend on the input")
 
-    def fused_weight_bias(self, vals: Sequence[Value], scale: torch.Tensor, shift: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def fused_weight_bias(self, vals: Sequence[Value], scale: torch.Tensor, shift: torch.Tensor,
+                          shift_mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Weights and bias of this layer followed by a per-output-channel affine map (an eval-mode
         BatchNorm): ``W' = s ⊙ W``, ``b' = s ⊙ b + t``, and the bias *magnitude*
-        ``|s|·|b| + |t|`` for the rounding error (``b'`` may cancel to ~0 while the two ops, run
-        separately, round ``s·b`` and ``t``). IBP then spends no element-wise passes on the
+        ``|s|·|b| + |β| + |μ s|`` for the rounding error (``b'`` may cancel to ~0 while the ops,
+        run separately, round ``s·b``, ``μ·s`` and ``β``). IBP then spends no element-wise passes on the
         BatchNorm. Not cached, for the reason given in :meth:`abs_weight`."""
         w, b = self.weight_bias(vals)
         wf = w * self.per_output(scale, w)
         bf = shift if b is None else b * scale + shift
-        bmag = shift.abs() if b is None else (b * scale).abs() + shift.abs()
+        bmag = shift_mag if b is None else (b * scale).abs() + shift_mag
         return wf, bf, bmag
 
     def fan_in(self, vals: Sequence[Value]) -> int:
@@ -347,7 +347,18 @@ class BatchNormRule(Rule):
             eps = m.epsilon  # type: ignore[union-attr]
         scale = w / torch.sqrt(var + eps)  # type: ignore[operator]
         shift = b - mean * scale  # type: ignore[operator]
+        self._shift_mag = (b.abs() + (mean * scale).abs()).detach()  # type: ignore[union-attr,operator]
         return scale, shift
+
+    _shift_mag: torch.Tensor | None = None
+
+    def shift_magnitude(self, vals: Sequence[Value]) -> torch.Tensor:
+        """``|β| + |μ·s|``: the magnitude behind the shift ``t = β − μ·s``. Engines compute
+        ``(x − μ)·s + β`` (or fold it), so their rounding scales with these terms, which can be
+        far larger than ``|t|`` when ``β ≈ μ·s``."""
+        self.scale_shift(vals)
+        assert self._shift_mag is not None
+        return self._shift_mag
 
     def _shape(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         return t.view(-1, *([1] * (ndim - 2)))
@@ -356,20 +367,22 @@ class BatchNormRule(Rule):
         # x·s + t, with s = w / sqrt(var + eps) and t = b − mean·s computed by the engine too
         return 6
 
-    def rounding(self, itv: Interval | Folded, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``γ (|s| max|x| + |t|) + tiny`` per element: the float error of ``x·s + t``. When IBP
-        folded the layer before into this one, only the output ``y = s·x + t`` is bounded;
-        then ``|s·x| ≤ |y| + |t|`` gives the same bound from it."""
+    def rounding(self, itv: Interval | Folded, s: torch.Tensor, t: torch.Tensor, tmag: torch.Tensor) -> torch.Tensor:
+        """``γ (|s| max|x| + |β| + |μ s|) + tiny`` per element (``tmag`` = ``|β| + |μ s|``, shaped
+        like ``t``): the float error of ``(x − μ)·s + β`` however it is evaluated. When IBP
+        folded the layer before into this one, only the output ``y = s·x + t`` is bounded; then
+        ``|s·x| ≤ |y| + |t|`` gives the same bound from it."""
         if isinstance(itv, Folded):
-            mag = itv.output.center.abs() + itv.output.radius + 2 * t.abs()
+            mag = itv.output.center.abs() + itv.output.radius + t.abs() + tmag
         else:
-            mag = (itv.center.abs() + itv.radius) * s.abs() + t.abs()
+            mag = (itv.center.abs() + itv.radius) * s.abs() + tmag
         return mag * self.gamma + self.tiny
 
     def forward_error(self, vals: Sequence[Value]) -> torch.Tensor:
         scale, shift = self.scale_shift(vals)
         nd = vals[0].lower.ndim
-        return self.rounding(vals[0], self._shape(scale, nd), self._shape(shift, nd))
+        tmag = self._shape(self.shift_magnitude(vals), nd)
+        return self.rounding(vals[0], self._shape(scale, nd), self._shape(shift, nd), tmag)
 
     def propagate_error(self, vals: Sequence[Value], errs: Sequence[torch.Tensor]) -> torch.Tensor:
         scale, _ = self.scale_shift(vals)
@@ -380,7 +393,8 @@ class BatchNormRule(Rule):
         scale, shift = self.scale_shift(vals)
         nd = itv.lower.ndim
         s, t = self._shape(scale, nd), self._shape(shift, nd)
-        return Interval.from_center(itv.center * s + t, itv.radius * s.abs() + self.rounding(itv, s, t))
+        tmag = self._shape(self.shift_magnitude(vals), nd)
+        return Interval.from_center(itv.center * s + t, itv.radius * s.abs() + self.rounding(itv, s, t, tmag))
 
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
         scale, shift = self.scale_shift(vals)
@@ -391,8 +405,9 @@ class BatchNormRule(Rule):
         bias = sum_bias(A, t)
         nl, nu = unstack_A(nA, sizes, lA, uA)
         bl, bu = unstack_A(bias, sizes, lA, uA)  # type: ignore[arg-type]
+        tmag = self._shape(self.shift_magnitude(vals), nd)
         bl_, bu_ = with_rounding(bl if bl is not None else 0.0, bu if bu is not None else 0.0, lA, uA,
-                                 self.rounding(vals[0], s, t))
+                                 self.rounding(vals[0], s, t, tmag))
         return [(nl, nu)], bl_, bu_
 
     def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
