@@ -207,7 +207,7 @@ def to_markdown(res: dict) -> str:
         lines += ["", f"CROWN on the MLP vs a hand-written dense CROWN (same bounds, max |Δ| = "
                       f"{ref['max_abs_bound_diff']:.2e}): engine / reference = **{ref['engine_over_reference']:.2f}×** "
                       f"(reference {ref['seconds']:.4f} s)."]
-    lines += ["", "Targets (issue 4): IBP ≤ 2.2× forward; CROWN on the MLP within 2× of the dense reference."]
+    lines += ["", "Targets: IBP ≤ 2.2× forward; CROWN on the MLP within 2× of the dense reference."]
     return "\n".join(lines)
 
 
