@@ -1,9 +1,17 @@
-"""certonnx: ONNX in, provably robust ONNX out."""
+"""certonnx: ONNX in, provably robust ONNX out.
+
+The pipelines of the CLI are functions of :mod:`certonnx.api` (``api.certify``,
+``api.finetune``); ``certonnx.finetune`` is ``api.finetune``. There is no
+``certonnx.certify`` function: that name is the :mod:`certonnx.certify` subpackage.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from certonnx import api
+from certonnx.api import finetune
 
 __version__ = "0.1.0"
 
@@ -25,4 +33,4 @@ def export(model: CertModel, path: str, certificate: dict[str, Any] | None = Non
     return _export(model, path, certificate=certificate, **kwargs)
 
 
-__all__ = ["__version__", "load", "export"]
+__all__ = ["__version__", "api", "export", "finetune", "load"]

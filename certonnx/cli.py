@@ -16,6 +16,23 @@ from certonnx import __version__
 # command name -> module under certonnx.commands exposing a click command called ``command``
 COMMANDS = ["inspect", "certify", "verify", "finetune", "check"]
 
+#: set by ``--debug`` wherever click parsed it as the flag (before or after the command name);
+#: reset by every :func:`main` call
+_debug = False
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    global _debug
+    if value:
+        _debug = True
+
+
+def _debug_option() -> click.Option:
+    """``--debug`` of every command, as after the group: ``certonnx certify m.onnx ... --debug``. It
+    is parsed by click like any flag, so ``--split --debug`` is still the value of ``--split``."""
+    return click.Option(["--debug"], is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                        help="Show full tracebacks instead of one-line errors.")
+
 
 class _Group(click.Group):
     """Loads command modules lazily, so ``certonnx --help`` stays fast and one broken
@@ -31,7 +48,10 @@ class _Group(click.Group):
             mod = importlib.import_module(f"certonnx.commands.{name}")
         except ModuleNotFoundError:
             return None
-        return mod.command
+        cmd: click.Command = mod.command
+        if not any(p.name == "debug" for p in cmd.params):
+            cmd.params.append(_debug_option())
+        return cmd
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,26 +71,16 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-
-
-def _group_options(args: list[str]) -> list[str]:
-    """The arguments before the command name: only there is ``--debug`` the group's flag. Later it
-    is a value or an unknown option (``certify m.onnx --split --debug`` must not turn a one-line
-    error into a traceback)."""
-    out = []
-    for a in args:
-        if not a.startswith("-") or a == "--":
-            break
-        out.append(a)
-    return out
+    _set_debug(ctx, None, debug)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry: one-line errors, non-zero exit codes, tracebacks only with --debug."""
     from certonnx.errors import CertonnxError
 
+    global _debug
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in _group_options(args)
+    _debug = False
     try:
         rv = cli.main(args=args, prog_name="certonnx", standalone_mode=False)
         if isinstance(rv, int):
@@ -84,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {e.format_message().replace(chr(10), ' ')}{hint}", err=True)
         return e.exit_code if e.exit_code else 2
     except CertonnxError as e:
-        if debug:
+        if _debug:
             raise
         click.echo(f"error: {e}", err=True)
         return e.exit_code
@@ -92,17 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("error: interrupted", err=True)
         return 130
     except MemoryError:
-        if debug:
+        if _debug:
             raise
         click.echo("error: out of memory (try a smaller --batch-size or a cheaper --method)", err=True)
         return 3
     except OSError as e:
-        if debug:
+        if _debug:
             raise
         click.echo(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", err=True)
         return 2
     except Exception as e:  # noqa: BLE001 - last line of defence: never a bare traceback
-        if debug:
+        if _debug:
             raise
         if _out_of_memory(e):
             click.echo("error: out of memory (try a smaller --batch-size or a cheaper --method)", err=True)

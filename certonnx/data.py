@@ -1,4 +1,10 @@
-"""Dataset loading for ``certify`` and ``finetune``: one ``.npz`` file, checked thoroughly.
+"""Dataset loading for ``certify``, ``finetune`` and ``check``, checked thoroughly.
+
+:func:`load_data` reads every form ``--data`` accepts: an ``.npz`` (:func:`load_npz`), two
+``.npy`` files ``X.npy,Y.npy``, a folder of ``x_<split>.npy``/``y_<split>.npy``, an image folder
+in torchvision ``ImageFolder`` layout, MNIST-style idx files and CIFAR python batches (the
+forms and their conventions: :mod:`certonnx.data_formats`). All of them go through the same
+checks and conversion and return the same ``(x, y, info)``.
 
 Bad data is the most common reason for meaningless certificates (pixels in [0, 255] while ε is
 meant for [0, 1], labels shifted by one, NHWC fed as NCHW), so every such problem is a
@@ -30,7 +36,8 @@ from certonnx.layout import (
 )
 from certonnx.utils import sha256_arrays
 
-__all__ = ["load_npz", "find_data", "data_dir", "check_against_model", "as_stored", "normalize_arrays"]
+__all__ = ["load_data", "load_npz", "data_inputs", "find_data", "data_dir", "check_against_model", "as_stored",
+           "normalize_arrays"]
 
 #: labels are class indices; more classes than this is a corrupt or wrong label array
 MAX_CLASSES = 100_000
@@ -102,9 +109,10 @@ def _pick_keys(keys: Sequence[str], split: str) -> tuple[str, str]:
     )
 
 
-def _layout(x: np.ndarray) -> tuple[np.ndarray, str, str]:
+def _layout(x: np.ndarray, channels_last: bool | None = None) -> tuple[np.ndarray, str, str]:
     """Bring images to NCHW (the ONNX convention); report which layout was found and how the
     array was changed (``"nhwc"``: transposed, ``"channel"``: a channel axis added, ``""``: not).
+    ``channels_last`` is what the source knows (decoded images are HWC); None: guessed from the shape.
 
     This canonical form is only a starting point (and the input shape ``--arch`` models are
     built for): :func:`check_against_model` undoes it exactly and fits the data *as stored* to
@@ -117,7 +125,7 @@ def _layout(x: np.ndarray) -> tuple[np.ndarray, str, str]:
     if x.ndim == 3:
         return x[:, None], "NHW (grayscale, channel added)", "channel"
     if x.ndim == 4:
-        if looks_channels_last(x.shape[1:]):
+        if looks_channels_last(x.shape[1:]) if channels_last is None else channels_last:
             return np.transpose(x, TO_CHANNELS_FIRST), "NHWC (converted to NCHW)", "nhwc"
         return x, "NCHW", ""
     return x, f"N + {x.ndim - 1} dims", ""
@@ -169,16 +177,60 @@ def load_npz(
     return _convert(xa, ya, kx, ky, p, allow_unnormalized, num_classes, mean, std)
 
 
+def load_data(
+    path: str | os.PathLike[str],
+    split: str = "test",
+    n: int | None = None,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    allow_unnormalized: bool = False,
+    num_classes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """:func:`load_npz` for every form ``--data`` accepts (:mod:`certonnx.data_formats`): the
+    same ``(x, y, info)``, with ``info["format"]`` saying which form was read (and
+    ``info["classes"]`` the class names where the form has them)."""
+    from certonnx.data_formats import detect, read_split
+
+    src = detect(path)
+    if src.kind == "npz":
+        x, y, info = load_npz(src.path, split, n, mean=mean, std=std, allow_unnormalized=allow_unnormalized,
+                              num_classes=num_classes)
+        info["format"] = "npz"
+        return x, y, info
+    if n is not None and n <= 0:
+        raise DataError(f"--n must be positive, got {n}")
+    arrays = read_split(src, split, n)
+    for k, a in ((arrays.x_name, arrays.x), (arrays.y_name, arrays.y)):
+        if a.ndim == 0:
+            raise DataError(f"{k} is a single value of shape (), not an array with one entry per sample")
+    x, y, info = _convert(arrays.x, arrays.y, arrays.x_name, arrays.y_name, str(path), allow_unnormalized,
+                          num_classes, mean, std, channels_last=arrays.channels_last)
+    return x, y, {**info, **arrays.info}
+
+
+def data_inputs(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The input paths of ``--data`` (two for ``X.npy,Y.npy``), labelled for
+    :func:`certonnx.utils.check_outputs`; a missing path is a DataError, before any work."""
+    from certonnx.data_formats import detect
+
+    src = detect(path)  # also says what is wrong with a path that is no dataset, before any work
+    if src.kind == "npy-pair":
+        return {"--data (images)": str(src.files[0]), "--data (labels)": str(src.files[1])}
+    return {"--data": str(path)}
+
+
 def _convert(
     xa: np.ndarray,
     ya: np.ndarray,
     kx: str,
     ky: str,
-    p: Path,
+    p: Path | str,
     allow_unnormalized: bool,
     num_classes: int | None,
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
+    channels_last: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     if xa.dtype.kind not in "uifb":
         raise DataError(f"{kx} has dtype {xa.dtype}; expected uint8 pixels or floats")
@@ -203,17 +255,20 @@ def _convert(
         # training from scratch sizes the last layer by the largest label: 2**63 - 1 would
         # overflow torch, and 10**9 would allocate a 400 GB layer
         raise DataError(f"{ky} holds label {int(ya.max())}: class labels must be indices below {MAX_CLASSES:,}")
-    if xa.dtype == np.uint8:
-        x = xa.astype(np.float32) / 255.0
-        scale = "uint8 / 255"
-    elif xa.dtype.kind in "ui":
+    # layout first, on the stored array (a view), then one float32 copy in that layout: the data
+    # is held at most twice (as stored and converted), also for NHWC files
+    stored_shape = list(xa.shape[1:])
+    xl, layout, changed = _layout(xa, channels_last)
+    if xa.dtype.kind in "ui" and xa.dtype != np.uint8:
         mx = int(xa.max())
         if mx > 255 or xa.min() < 0:
             raise DataError(f"{kx} holds integers outside [0, 255] (max {mx})")
-        x = xa.astype(np.float32) / 255.0
-        scale = f"{xa.dtype} / 255"
+    x = np.empty(xl.shape, np.float32)
+    x[...] = xl
+    if xa.dtype.kind in "ui":
+        x /= np.float32(255.0)
+        scale = "uint8 / 255" if xa.dtype == np.uint8 else f"{xa.dtype} / 255"
     else:
-        x = xa.astype(np.float32)
         if not np.all(np.isfinite(x)):
             raise DataError(f"{kx} contains NaN or infinite values")
         lo, hi = float(x.min()), float(x.max())
@@ -222,8 +277,6 @@ def _convert(
             hint = hint or " (looks already normalized: store raw pixels and pass --mean/--std)"
             raise DataError(f"{kx} values lie in [{lo:.3g}, {hi:.3g}], expected [0, 1]{hint}")
         scale = "float (as stored)"
-    stored_shape = list(x.shape[1:])
-    x, layout, changed = _layout(x)
     info: dict[str, Any] = {
         "path": str(p),
         "keys": [kx, ky],
@@ -241,7 +294,7 @@ def _convert(
     }
     if mean is not None or std is not None:
         info["normalization"] = {"mean": list(mean or []), "std": list(std or [])}
-    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(ya.astype(np.int64)), info
+    return torch.from_numpy(x), torch.from_numpy(ya.astype(np.int64)), info
 
 
 def as_stored(x: torch.Tensor, info: dict[str, Any] | None) -> torch.Tensor:

@@ -15,6 +15,21 @@ class CertonnxError(Exception):
     exit_code = 2
 
 
+class ConfigError(CertonnxError):
+    """A bad or inconsistent argument of a pipeline function (:mod:`certonnx.api`).
+
+    ``param`` names the CLI flag it came from (``--ramp-epochs``), or None when it is about
+    several; the CLI reports it like click reports a bad flag, so a check moved from a command
+    into the library keeps its message."""
+
+    param: str | None = None
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        if param is not None:
+            self.param = param
+
+
 class ModelLoadError(CertonnxError):
     """The ONNX file cannot be read, checked or converted."""
 

@@ -30,6 +30,37 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None]) -> None:
+    """Before any work: no output path may name an input file (model, data, property) or another
+    output, and every output must be writable. Inputs are never modified, whatever the flags.
+
+    Keys are the labels errors use (the CLI's flag names: ``-o``, ``--json``); ``None`` and
+    ``-`` (stdout) outputs are skipped."""
+    from certonnx.errors import CertonnxError
+
+    def same(a: str, b: str) -> bool:
+        pa, pb = Path(a), Path(b)
+        if pa.resolve() == pb.resolve():
+            return True
+        try:
+            return pa.exists() and pb.exists() and os.path.samefile(pa, pb)  # hard links
+        except OSError:
+            return False
+
+    seen: dict[str, str] = {}
+    for label, p in outputs.items():
+        if p is None or p == "-":
+            continue
+        for ilabel, ip in inputs.items():
+            if ip is not None and same(p, ip):
+                raise CertonnxError(f"{label} {p} would overwrite the input {ilabel}; choose another path")
+        for olabel, op in seen.items():
+            if same(p, op):
+                raise CertonnxError(f"{label} and {olabel} name the same file {p}; choose different paths")
+        seen[label] = p
+        check_writable(p)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

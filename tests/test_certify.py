@@ -236,3 +236,26 @@ def test_cli_refuses_double_normalization(capsys):
     err = capsys.readouterr().err
     _one_error_line(err)
     assert "already normalizes" in err
+
+
+def test_debug_flag_before_and_after_the_command(tmp_path, capsys):
+    """``--debug`` shows the traceback wherever it is given as a flag; as an option's value it is
+    that value (one line, no traceback); it never sticks to a later call."""
+    from certonnx.errors import DataError
+
+    argv = ["certify", MLP, "--data", str(tmp_path / "none.npz"), "--norm", "linf:0.1"]
+    assert main(argv) == 2
+    _one_error_line(capsys.readouterr().err)
+    for debug_argv in (argv + ["--debug"], ["--debug", *argv], argv[:2] + ["--debug"] + argv[2:]):
+        with pytest.raises(DataError, match="not found"):
+            main(debug_argv)
+    assert main(["certify", MLP, "--split", "--debug", *argv[2:]]) == 2  # the value of --split
+    _one_error_line(capsys.readouterr().err)
+    assert main(argv) == 2
+    _one_error_line(capsys.readouterr().err)
+    assert "--debug" in main_help(capsys, "certify")
+
+
+def main_help(capsys, name):
+    assert main([name, "--help"]) == 0
+    return capsys.readouterr().out

@@ -197,10 +197,32 @@ def test_cli_errors(certified: tuple[Path, dict], tmp_path: Path, capsys: pytest
     assert "no certonnx certificate" in capsys.readouterr().out
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not an onnx file")
-    for argv in (["check", str(tmp_path / "missing.onnx")], ["check", str(junk)],
-                 ["check", str(path), "--require", "linf>>0.5"], ["check", str(path), "--recertify"],
-                 ["check", str(path), "--json", str(path)]):
+    req = ["--require", "clean>=0"]
+    for argv in (["check", str(tmp_path / "missing.onnx"), *req], ["check", str(junk), *req],
+                 ["check", str(path), "--require", "linf>>0.5"], ["check", str(path), "--recertify", *req],
+                 ["check", str(path), "--json", str(path), *req]):
         rc = main(argv)
         err = capsys.readouterr().err.strip()
         assert rc == 2, argv
         assert err.startswith("error:") and len(err.splitlines()) == 1 and "Traceback" not in err, (argv, err)
+
+
+@pytest.mark.parametrize("extra", [[], ["--require", ""], ["--require", " , "], ["--data", str(DATA)]])
+def test_cli_no_requirement_is_an_error(certified: tuple[Path, dict], capsys: pytest.CaptureFixture[str],
+                                        extra: list[str]) -> None:
+    """An empty CI variable (``--require "$REQ"``) or a forgotten flag must not pass the gate."""
+    path, _ = certified
+    rc = main(["check", str(path), *extra])
+    out = capsys.readouterr()
+    lines = [ln for ln in out.err.splitlines() if ln.strip()]
+    assert rc == 2 and "PASS" not in out.out, out
+    assert len(lines) == 1 and lines[0].startswith("error: no requirement given") and "--require" in lines[0], out.err
+
+
+def test_cli_fraction_and_case(certified: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:
+    """The certificate is for linf 0.02 = 1/50: ``Linf:1/50`` is the same ε, ``LINF:1/40`` a larger one."""
+    path, _ = certified
+    assert main(["check", str(path), "--require", "Linf:1/50>=0", "-q"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert main(["check", str(path), "--require", "LINF:1/40>=0", "-q"]) == 1
+    assert "FAIL" in capsys.readouterr().out

@@ -18,7 +18,7 @@ def _args(data: Path, out: str) -> list[str]:
     return ["finetune", "--arch", "mlp", "--data", str(data), "--norm", "linf:0.05", "--method", "ibp",
             "--epochs", "2", "--warmup-epochs", "0", "--ramp-epochs", "1", "--batch-size", "32", "--lr", "0.01",
             "--no-regularize", "--eval-n", "0", "--seed", "3", "-o", out, "--checkpoint-dir", out + ".ck",
-            "--log-json", out + ".log.json"]
+            "--keep-checkpoints", "--log-json", out + ".log.json"]
 
 
 def test_two_processes_match_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -62,7 +62,7 @@ def test_finetune_fixture_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     log = json.loads((tmp_path / "log.json").read_text())
     assert [e["epoch"] for e in log] == [1, 2]
     assert set(log[0]) >= {"epoch", "eps", "lr", "loss", "clean_acc", "cert_acc", "seconds"}
-    assert (tmp_path / "ft.onnx.ckpt" / "last.pt").exists()
+    assert not (tmp_path / "ft.onnx.ckpt").exists()  # removed after a successful run (--keep-checkpoints keeps it)
 
     # the exported model computes what the fine-tuned torch model computes (parity checked in export),
     # and differs from the input model (it was trained)
@@ -83,7 +83,7 @@ def test_finetune_from_scratch_json_stdout(tmp_path: Path, monkeypatch: pytest.M
     data = write_npz(tmp_path / "d.npz", n=96, n_test=16)
     rc = _run(monkeypatch, tmp_path, "finetune", "--arch", "cnn3", "--data", str(data), "--norm", "linf:0.05",
               "--method", "sabr", "--epochs", "2", "--batch-size", "32", "--pgd-steps", "2", "--eval-method", "ibp",
-              "--method-opt", "sabr_lambda=0.3", "--method-opt", "note=x", "--json", "-")
+              "--method-opt", "sabr_lambda=0.3", "--json", "-")
     out = capsys.readouterr()
     assert rc == 0, out.err
     res = json.loads(out.out)
@@ -92,8 +92,8 @@ def test_finetune_from_scratch_json_stdout(tmp_path: Path, monkeypatch: pytest.M
     cert = _ort_certificate(tmp_path / "cnn3_sabr.onnx")
     assert cert["n"] == 16
     assert res["training"]["config"]["regularize"] is True  # Shi et al. regularisers on from scratch
-    assert res["training"]["config"]["options"]["sabr_lambda"] == 0.3
-    assert res["training"]["config"]["options"]["note"] == "x"
+    # the method's options, typed, every key with its value (an unknown key is refused: test_structure.py)
+    assert res["training"]["config"]["options"] == {"sabr_lambda": 0.3, "pgd_steps": 2}
 
 
 def test_bad_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -103,3 +103,58 @@ def test_bad_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pyte
     assert _run(monkeypatch, tmp_path, "finetune", "--arch", "mlp", "--data", str(data), "--norm", "linf:0.1",
                 "--epochs", "2", "--ramp-epochs", "5") != 0
     assert "exceed --epochs" in capsys.readouterr().err
+
+
+def _scratch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *extra: str) -> int:
+    data = tmp_path / "d.npz"
+    if not data.exists():
+        write_npz(data, n=32, n_test=8)
+    return _run(monkeypatch, tmp_path, "finetune", "--arch", "mlp", "--data", str(data), "--norm", "linf:2/255",
+                "--epochs", "1", "--batch-size", "16", "--eval-method", "ibp", "--device", "cpu", "-o", "o.onnx",
+                *extra)
+
+
+def test_eval_n_0_says_no_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from certonnx.io.metadata import read_certificate
+
+    assert _scratch(monkeypatch, tmp_path, "--eval-n", "0") == 0
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "without a certificate" in out and "with certificate" not in out, out
+    assert read_certificate(tmp_path / "o.onnx") is None
+    assert not (tmp_path / "o.onnx.ckpt").exists()
+
+
+def test_checkpoints_removed_kept_and_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    ck = tmp_path / "o.onnx.ckpt"
+    assert _scratch(monkeypatch, tmp_path) == 0
+    assert "with certificate written" in capsys.readouterr().out.replace("\n", " ")
+    assert not ck.exists()
+    # kept on request ...
+    assert _scratch(monkeypatch, tmp_path, "--keep-checkpoints") == 0
+    assert (ck / "last.pt").exists() and "checkpoints kept in" in capsys.readouterr().out.replace("\n", " ")
+    # ... and a resumed run that completes cleans up too
+    assert _scratch(monkeypatch, tmp_path, "--resume") == 0
+    assert "resumed from" in capsys.readouterr().err
+    assert not ck.exists()
+    # a checkpoint folder of the user's keeps the user's files (only certonnx's are removed)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert _scratch(monkeypatch, tmp_path, "--checkpoint-dir", str(mine)) == 0
+    assert (mine / "notes.txt").read_text() == "keep me" and not (mine / "last.pt").exists()
+
+
+@pytest.mark.parametrize("exc, rc", [(KeyboardInterrupt, 130), (MemoryError, 3)])
+def test_checkpoints_kept_when_a_run_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str], exc: type, rc: int) -> None:
+    from certonnx import api
+
+    def boom(*a: object, **k: object) -> None:
+        raise exc()
+
+    monkeypatch.setattr(api, "_evaluate", boom)  # after training, before the export
+    assert _scratch(monkeypatch, tmp_path) == rc
+    assert (tmp_path / "o.onnx.ckpt" / "last.pt").exists() and not (tmp_path / "o.onnx").exists()
+    capsys.readouterr()

@@ -27,6 +27,7 @@ import torch
 
 from certonnx.attacks.pgd import pgd_attack
 from certonnx.bounds import METHODS, BoundedModule, InputSet, margin_matrix
+from certonnx.certify.norms import canonical_norm, parse_norms  # noqa: F401 - re-exported (older imports)
 from certonnx.certify.ort_check import OrtRunner, check_clean_predictions, guard_indices, margin_violated
 from certonnx.errors import CertonnxError
 
@@ -36,41 +37,6 @@ STATUSES = ("verified", "falsified", "unknown")
 
 class SoundnessError(RuntimeError):
     """A sample was both verified and broken by an attack: a bug in certonnx, never a result."""
-
-
-def parse_norms(text: str) -> dict[str, float]:
-    """``'linf:0.1,l2:0.5'`` -> ``{'linf': 0.1, 'l2': 0.5}`` (also ``inf``, ``Linf``, ``L2``).
-
-    Raises ValueError with a one-line message on anything else.
-    """
-    out: dict[str, float] = {}
-    if not text or not text.strip():
-        raise ValueError("expected NORM:EPS[,NORM:EPS], e.g. linf:0.1,l2:0.5")
-    for part in text.split(","):
-        part = part.strip()
-        if ":" not in part:
-            raise ValueError(f"{part!r}: expected NORM:EPS, e.g. linf:0.1")
-        name, val = (s.strip() for s in part.split(":", 1))
-        norm = canonical_norm(name)
-        try:
-            eps = float(val)
-        except ValueError:
-            raise ValueError(f"{part!r}: epsilon {val!r} is not a number") from None
-        if not np.isfinite(eps) or eps < 0:
-            raise ValueError(f"{part!r}: epsilon must be a finite number >= 0")
-        if norm in out:
-            raise ValueError(f"norm {norm} given twice")
-        out[norm] = eps
-    return out
-
-
-def canonical_norm(name: str) -> str:
-    n = name.strip().lower().replace("_", "").replace("-", "")
-    if n in ("linf", "inf", "linfty", "infinity", "l∞"):
-        return "linf"
-    if n in ("l2", "2"):
-        return "l2"
-    raise ValueError(f"unknown norm {name!r} (use linf or l2)")
 
 
 def _batches(n: int, size: int) -> list[slice]:

@@ -10,7 +10,8 @@ Requirement grammar (one per ``--require``)::
     METRIC[:EPS] OP VALUE
     METRIC = linf | l2 (certified accuracy under that norm) | union (certified under every
              norm at once) | clean (accuracy without perturbation) | pgd-linf | pgd-l2
-    EPS    = radius in the certificate's input space (raw pixels); omitted: the certificate's ε
+    EPS    = radius in the certificate's input space (raw pixels), a number or a fraction like
+             8/255; omitted: the certificate's ε
     OP     = >= | >
     VALUE  = a fraction in [0, 1] or a percentage like 90%
 
@@ -27,10 +28,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from certonnx.certify.norms import canonical_norm, eps_range_error, parse_eps
 from certonnx.errors import CertonnxError
 
 _REQ = re.compile(
-    r"^\s*(?P<metric>[a-z0-9_\-]+)\s*(?::\s*(?P<eps>[0-9.eE+\-]+))?\s*(?P<op>>=|>)\s*(?P<value>[0-9.eE+\-]+)\s*(?P<pct>%)?\s*$",
+    r"^\s*(?P<metric>[a-z0-9_\-]+)\s*(?::\s*(?P<eps>[0-9.eE+\-]+(?:\s*/\s*[0-9.eE+\-]+)?))?\s*(?P<op>>=|>)\s*(?P<value>[0-9.eE+\-]+)\s*(?P<pct>%)?\s*$",
     re.I,
 )
 NORM_METRICS = ("linf", "l2")
@@ -92,6 +94,18 @@ class GateResult:
                 "requirements": [asdict(o) for o in self.outcomes]}
 
 
+def _metric(name: str) -> str:
+    """The metric's canonical name: norms as :func:`~certonnx.certify.norms.canonical_norm`
+    spells them (``Linf``, ``LINF``, ``L2`` too), also after ``pgd-``."""
+    metric = name.lower()
+    metric = _ALIASES.get(metric, metric)
+    prefix = "pgd-" if metric.startswith(("pgd-", "pgd_")) else ""
+    try:
+        return prefix + canonical_norm(metric[len(prefix):])
+    except ValueError:
+        return metric
+
+
 def parse_requirement(text: str) -> Requirement:
     """``'linf:0.1>=0.90'`` -> Requirement; a clear one-line error for anything else."""
     m = _REQ.match(text)
@@ -100,8 +114,7 @@ def parse_requirement(text: str) -> Requirement:
             f"cannot parse requirement {text!r}: expected METRIC[:EPS]>=VALUE, e.g. linf:0.1>=0.90, "
             "union>=0.3, clean>=95%"
         )
-    metric = m.group("metric").lower()
-    metric = _ALIASES.get(metric, metric)
+    metric = _metric(m.group("metric"))
     if metric not in METRICS:
         raise RequirementError(f"unknown metric {m.group('metric')!r} in {text!r} (choose from {', '.join(METRICS)})")
     eps: float | None = None
@@ -109,11 +122,9 @@ def parse_requirement(text: str) -> Requirement:
         if metric in ("union", "clean"):
             raise RequirementError(f"{text!r}: {metric} takes no ε (the ε of each norm applies)")
         try:
-            eps = float(m.group("eps"))
-        except ValueError:
-            raise RequirementError(f"{text!r}: ε {m.group('eps')!r} is not a number") from None
-        if not (math.isfinite(eps) and eps >= 0):
-            raise RequirementError(f"{text!r}: ε must be a finite number >= 0")
+            eps = parse_eps(m.group("eps"))
+        except ValueError as e:
+            raise RequirementError(f"{text!r}: {e}") from None
     try:
         value = float(m.group("value"))
     except ValueError:
@@ -202,6 +213,20 @@ def recertify_norms(requirements: list[Requirement], certificate: dict[str, Any]
         raise RequirementError("nothing to re-certify: no norm in the requirements and no certificate to take "
                                "norms from (add e.g. --require linf:0.1>=0.9)")
     return out
+
+
+def check_eps_ranges(requirements: list[Requirement], domain: Any = (0.0, 1.0),
+                     sample_shape: Any = None) -> None:
+    """RequirementError when a requirement's ε is larger than the input range (see
+    :func:`~certonnx.certify.norms.eps_range_error`): ``linf:8>=0.5`` for pixels in [0, 1]
+    would otherwise just fail, hiding that 8/255 was meant."""
+    for r in requirements:
+        norm = r.norm()
+        if norm is None or r.eps is None:
+            continue
+        msg = eps_range_error(norm, r.eps, domain, sample_shape)
+        if msg:
+            raise RequirementError(f"{r.text!r}: {msg}")
 
 
 def check_certificate(certificate: dict[str, Any] | None, requirements: list[Requirement],

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from certonnx.commands.options import json_flag_option
 from certonnx.errors import CertonnxError
 
 METHODS_FALLBACK = ("ibp", "crown-ibp", "crown", "alpha-crown")
@@ -219,7 +220,7 @@ def render(info: dict[str, Any]) -> None:
 
 @click.command("inspect")
 @click.argument("model", type=str)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of tables.")
+@json_flag_option("Print one JSON object on stdout instead of tables.")
 @click.option("--strict", is_flag=True, help="Exit 1 when some op cannot be bounded by any method.")
 @click.option("--no-parity", is_flag=True, help="Skip the torch vs onnxruntime parity check (faster).")
 def command(model: str, as_json: bool, strict: bool, no_parity: bool) -> int:

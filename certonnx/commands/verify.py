@@ -17,7 +17,7 @@ from typing import Any
 import click
 import numpy as np
 
-from certonnx.commands.options import check_outputs
+from certonnx.commands.options import bound_method_option, check_outputs, json_flag_option, seed_option
 from certonnx.errors import CertonnxError
 from certonnx.utils import atomic_write_bytes
 
@@ -61,12 +61,11 @@ def run_verify(
               help="Seconds for the whole run (loading included); 'timeout' when it runs out.")
 @click.option("--results-file", type=click.Path(dir_okay=False), default=None,
               help="Write the VNN-COMP results file (result word, then the counterexample for sat).")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object (result, counterexample, stats).")
-@click.option("--method", type=click.Choice(["crown", "alpha-crown", "crown-ibp", "ibp"]), default="crown",
-              show_default=True,
-              help="Bound method of the branch and bound: crown/alpha-crown split ReLUs with α/β optimisation "
-                   "where possible (else input splits); crown-ibp/ibp split inputs.")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of the attack's random starts.")
+@json_flag_option("Print a JSON object (result, counterexample, stats).")
+@bound_method_option(default="crown",
+                     help="Bound method of the branch and bound: crown/alpha-crown split ReLUs with α/β optimisation "
+                          "where possible (else input splits); crown-ibp/ibp split inputs.")
+@seed_option("Seed of the attack's random starts.")
 def command(model: str, prop: str, timeout: float, results_file: str | None, as_json: bool, method: str,
             seed: int) -> int:
     """Verify the VNN-LIB property PROP.vnnlib on MODEL.

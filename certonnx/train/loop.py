@@ -64,7 +64,10 @@ class TrainConfig:
     seed: int = 0
     regularize: bool = False  # Shi et al. regularisers during the ramp
     reg_lambda: float = 0.5
-    options: dict[str, Any] = field(default_factory=dict)  # method flags
+    # method flags as a plain dict (checkpoints hold plain data only), parsed by the Trainer into
+    # the method's Options dataclass; keys of other methods are dropped (a config shared by a
+    # sweep over methods), a key no method has is an error (Method.parse_options)
+    options: dict[str, Any] = field(default_factory=dict)
     domain: tuple[float, float] = (0.0, 1.0)
     num_classes: int = 10
     checkpoint_dir: str | None = None
@@ -148,6 +151,7 @@ class Trainer:
         self.x, self.y = x, y
         self.sample_shape = tuple(sample_shape or x.shape[1:])
         self.method = get_method(config.method)
+        self.method_options = self.method.parse_options(config.options, strict=False)
         self.progress = progress and self.rank == 0
         self.echo = echo or (lambda s: None)
         self.bm = None
@@ -157,7 +161,7 @@ class Trainer:
             self.bm = BoundedModule(self.module, self.sample_shape)
         # methods that reparametrise the model (SaC) do it before the bound engine and the
         # optimizer see the module; parameters they optimise themselves are not the trainer's
-        owned = {id(p) for p in self.method.setup(self.module, dict(config.options))}
+        owned = {id(p) for p in self.method.setup(self.module, self.method_options)}
         if owned and self.bm is not None:
             from certonnx.bounds import BoundedModule
 
@@ -283,7 +287,7 @@ class Trainer:
                 ctx = StepContext(
                     module=self.module, epoch=e, step=gstep, eps=eps, eps_target=dict(cfg.norms), progress=frac,
                     domain=tuple(cfg.domain), num_classes=cfg.num_classes, generator=self._gen(e, gstep, self.rank),
-                    options=dict(cfg.options), regularize=cfg.regularize and 0 < frac < 1,
+                    options=self.method_options, regularize=cfg.regularize and 0 < frac < 1,
                     reg_lambda=cfg.reg_lambda,
                 )
                 self.opt.zero_grad(set_to_none=True)

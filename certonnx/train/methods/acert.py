@@ -14,18 +14,18 @@ instead trains each sample at its *own* certified radius:
 2. **Adaptive loss** (with gradient) at the found radii:
    ``(1-κ) · CE(-lb(ε_i)) + κ · CE(f(x), y)``. At ε_i = 0 the margin bounds are the clean
    margins, so a misclassified sample's robust term is its clean cross-entropy (as in the
-   authors' code). Bounds are IBP as in the paper (``--opt acert_bounds=crown-ibp`` is
+   authors' code). Bounds are IBP as in the paper (``--method-opt acert_bounds=crown-ibp`` is
    possible). During the ε ramp the Shi et al. regularisers apply (when the trainer enables
    them), and the radii are clipped from below at ``acert_min_eps`` so that every sample
    contributes non-degenerate intervals to them (the authors' ``min_eps_for_regularizers``).
 3. ε_max follows the trainer's ε schedule (``ctx.eps``: warm-up at 0, then the ramp to the
    ``--norm`` target); before the ramp starts the loss is the clean cross-entropy.
 
-Flags (``--opt KEY=VALUE``): ``acert_kappa`` (κ, default 0.0 as in the authors' configs; the
-paper's trade-off curves sweep it), ``acert_bounds`` (ibp | crown-ibp, default ibp),
-``acert_iters`` (bisection passes after the ε_max check, default 8, resolution ε_max/2^iters),
-``acert_min_eps`` (default 1e-6), ``acert_eps_max`` (optional cap on the radius search, scaled
-by the ramp like ε; default: the ``--norm`` target).
+Flags (``--method-opt KEY=VALUE``, declared in :class:`ACERT.Options`): ``acert_kappa`` (κ,
+0 as in the authors' configs; the paper's trade-off curves sweep it), ``acert_bounds`` (ibp |
+crown-ibp), ``acert_iters`` (bisection passes after the ε_max check, resolution
+ε_max/2^iters), ``acert_min_eps``, ``acert_eps_max`` (optional cap on the radius search,
+scaled by the ramp like ε; default: the ``--norm`` target).
 
 Deviation from the paper: the authors use Brent's method with a tolerance; we use a fixed
 number of bisection passes (predictable cost: 1 + ``acert_iters`` bound passes per step) and
@@ -36,13 +36,14 @@ at the current ε_max (free: those are the samples whose radius is ε_max).
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from certonnx.bounds import BoundedModule
 from certonnx.certify.radius import certified_radius
-from certonnx.errors import CertonnxError
 from certonnx.train.methods.base import (
     Method,
     StepContext,
@@ -52,6 +53,7 @@ from certonnx.train.methods.base import (
     input_set,
     robust_ce,
 )
+from certonnx.train.methods.options import MethodOptions, option
 
 BOUNDS = ("ibp", "crown-ibp")
 # newer radius.py versions accept the known correctness (no extra forward pass, which in training
@@ -82,29 +84,28 @@ class ACERT(Method):
     """Adaptive certified training: robust CE at each sample's own certified radius."""
 
     name = "acert"
+    eval_radius_default = True  # the point of the method is the radius: report the ACR
 
-    @staticmethod
-    def flags(ctx: StepContext) -> tuple[str, int, float]:
-        """``(bounds, iters, kappa)`` from ``--opt``, checked at the first step (not after warm-up)."""
-        method = str(ctx.opt("acert_bounds", "ibp")).lower().replace("_", "-")
-        if method not in BOUNDS:
-            raise CertonnxError(f"--opt acert_bounds must be one of {', '.join(BOUNDS)}, got {method!r}")
-        try:
-            iters, kap = int(ctx.opt("acert_iters", 8)), float(ctx.opt("acert_kappa", 0.0))
-        except (TypeError, ValueError) as e:
-            raise CertonnxError(f"--opt acert_iters/acert_kappa: {e}") from None
-        if not 0.0 <= kap <= 1.0 or iters < 1:
-            raise CertonnxError(f"--opt acert_kappa must lie in [0, 1] and acert_iters be >= 1 (got {kap}, {iters})")
-        return method, iters, kap
+    @dataclass(frozen=True)
+    class Options(MethodOptions):
+        acert_kappa: float = option(0.0, "weight κ of the clean CE (the authors' configs use 0; sweep it for a "
+                                    "trade-off curve)", ge=0, le=1)
+        acert_bounds: Literal["ibp", "crown-ibp"] = option("ibp", "bounds for the radius search and the loss",
+                                                           flag="--relaxation")
+        acert_iters: int = option(8, "bisection passes after the ε_max check (resolution ε_max/2^iters)", ge=1)
+        acert_min_eps: float = option(1e-6, "lower clip of the radii while the regularisers are active", ge=0)
+        acert_eps_max: float | None = option(None, "cap of the radius search, scaled by the ramp like ε "
+                                             "[default: the --norm target]", gt=0)
 
     def eps_max(self, eps: float, norm: str, ctx: StepContext) -> float:
-        cap = ctx.opt("acert_eps_max", None)
+        cap = self.opts(ctx).acert_eps_max
         if cap is None:
             return float(eps)
         return float(cap) * float(ctx.progress)
 
     def loss(self, model_fn, bm, x, y, eps, norm, ctx):  # type: ignore[no-untyped-def]
-        method, iters, kap = self.flags(ctx)
+        o = self.opts(ctx)  # parsed (and so checked) at the first step, warm-up included
+        method, iters, kap = o.acert_bounds, o.acert_iters, o.acert_kappa
         out = model_fn(x).flatten(1)
         clean = F.cross_entropy(out, y)
         e_max = self.eps_max(eps, norm, ctx)
@@ -115,8 +116,8 @@ class ACERT(Method):
         cert = float((radii >= e_max).float().mean())
         mean_r = float(radii.mean())
         if ctx.regularize:
-            radii = radii.clamp(min=float(ctx.opt("acert_min_eps", 1e-6)))
-        lb = bound_margins(bm, input_set(x, radii, norm, ctx), y, method, ctx)
+            radii = radii.clamp(min=o.acert_min_eps)
+        lb, reg = bound_margins(bm, input_set(x, radii, norm, ctx), y, method, ctx)
         loss = (1.0 - kap) * robust_ce(lb) + kap * clean
-        return add_regularizer(loss, ctx), {"clean_acc": accuracy(out, y), "cert_acc": cert,
+        return add_regularizer(loss, reg, ctx), {"clean_acc": accuracy(out, y), "cert_acc": cert,
                                             "mean_radius": mean_r}

@@ -9,19 +9,26 @@ the :class:`StepContext`, so the trainer stays method-agnostic.
 
 ``stats`` are per-batch fractions (``clean_acc``, ``cert_acc``; ``None`` when a method does
 not measure it); the trainer averages them weighted by batch size.
+
+A method's flags are a frozen dataclass registered as ``Options`` on its class (see
+:mod:`certonnx.train.methods.options`): typed fields with defaults and help, validated once.
+The trainer parses ``TrainConfig.options`` into it and hands the instance to every step in
+``StepContext.options``; :meth:`Method.opts` gives it back typed (and parses a plain dict, for
+callers that build a ``StepContext`` themselves).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from certonnx.bounds import BoundedModule, InputSet, margin_matrix
+from certonnx.train.methods.options import MethodOptions, option
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -39,16 +46,23 @@ class StepContext:
     domain: tuple[float, float] = (0.0, 1.0)
     num_classes: int = 10
     generator: torch.Generator | None = None
-    options: dict[str, Any] = field(default_factory=dict)  # method flags (kappa_end, sabr_lambda, ...)
+    # the method's flags: its ``Options`` instance (the trainer's) or a plain dict parsed on use
+    options: MethodOptions | Mapping[str, Any] = field(default_factory=dict)
     regularize: bool = False  # Shi et al. regularisers active this step
     reg_lambda: float = 0.5
 
-    def opt(self, name: str, default: Any) -> Any:
-        v = self.options.get(name)
-        return default if v is None else v
-
 
 Stats = dict[str, float | None]
+
+
+# options several methods share: one declaration each, so their defaults cannot drift apart
+def pgd_steps_option() -> Any:
+    return option(10, "PGD steps of the training attack", flag="--pgd-steps", ge=1)
+
+
+def kappa_end_option() -> Any:
+    return option(0.5, "final weight κ of the clean loss (κ goes 1 → this over the ε ramp)", flag="--kappa-end",
+                  ge=0, le=1)
 
 
 class Method:
@@ -57,6 +71,32 @@ class Method:
     name = "base"
     certified = True  # produces bounds (cert_acc) during training
     needs_bounds = True  # whether the trainer must build a BoundedModule
+    #: whether ``certonnx finetune`` computes certified radii (ACR) after training by default
+    eval_radius_default = False
+    #: the method's options (a frozen dataclass deriving from MethodOptions); none by default
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any] | MethodOptions | None, *,
+                      strict: bool = True) -> MethodOptions:
+        """``options`` as this method's ``Options`` (MethodOptionError on a bad key or value).
+
+        ``strict=False`` drops keys that belong to *other* registered methods instead of
+        failing: a ``TrainConfig`` shared by a sweep over methods (``tools/bench/train.py``
+        passes ``pgd_steps`` to every method) stays valid. A key no method has is an error
+        either way, so a typo never passes silently.
+        """
+        ignore: frozenset[str] = frozenset()
+        if not strict:
+            from certonnx.train.methods import REGISTRY
+
+            ignore = frozenset(k for m in REGISTRY.values() for k in m.Options.keys())
+        return cls.Options.from_mapping(options, method=cls.name, ignore=ignore)
+
+    def opts(self, ctx: StepContext) -> Any:
+        """The typed options of this step (``Any``: each method reads its own subclass' fields)."""
+        o = ctx.options
+        return o if isinstance(o, self.Options) else self.parse_options(o, strict=False)
 
     def loss(self, model_fn: ModelFn, bm: BoundedModule | None, x: torch.Tensor, y: torch.Tensor,
              eps: float, norm: str, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
@@ -79,7 +119,7 @@ class Method:
     def on_step(self, ctx: StepContext) -> None:  # noqa: B027 - optional hook
         """Called after each optimizer step (e.g. for methods with their own state)."""
 
-    def setup(self, module: nn.Module, options: dict[str, Any]) -> list[nn.Parameter]:
+    def setup(self, module: nn.Module, options: MethodOptions | Mapping[str, Any] | None) -> list[nn.Parameter]:
         """Called once before the optimizer is built. Returns parameters the method owns and
         optimises itself (e.g. SaC's shrinkage factors), which the trainer's optimizer skips."""
         return []
@@ -120,17 +160,18 @@ def input_set(x: torch.Tensor, eps: float | torch.Tensor, norm: str, ctx: StepCo
 
 
 def bound_margins(bm: BoundedModule, inset: InputSet, y: torch.Tensor, method: str, ctx: StepContext
-                  ) -> torch.Tensor:
-    """Lower bounds of the margins ``f_y - f_j`` (B, K-1) over ``inset``; registers the ReLU
-    input intervals for the Shi et al. regularisers when they are active (IBP only)."""
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(lb, reg)``: lower bounds of the margins ``f_y - f_j`` (B, K-1) over ``inset``, and the
+    Shi et al. regulariser of this bound pass when the regularisers are active (IBP passes
+    only; else None). The regulariser comes back with the bounds, so each method adds it to
+    its loss explicitly (:func:`add_regularizer`) instead of through shared state."""
     C = margin_matrix(y, ctx.num_classes)
     if method == "ibp" and ctx.regularize:
         ibp_ctx = bm.ibp_pass(inset)
         lb, _ = bm.backward(ibp_ctx, bm.output_node, C.to(inset.x.dtype), None, stop=bm._is_stop_for_ibp)
-        ctx.options["_reg_loss"] = shi_regularizer(bm, ibp_ctx, inset)
-        return lb
+        return lb, shi_regularizer(bm, ibp_ctx, inset)
     lb, _ = bm.compute(inset, C=C, method=method, upper=False)
-    return lb
+    return lb, None
 
 
 def shi_regularizer(bm: BoundedModule, ibp_ctx: Any, inset: InputSet, tol: float = 0.5) -> torch.Tensor:
@@ -172,23 +213,22 @@ def shi_regularizer(bm: BoundedModule, ibp_ctx: Any, inset: InputSet, tol: float
     return (loss_t + loss_r) / cnt
 
 
-def add_regularizer(loss: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-    """Add the Shi et al. term, weighted by ``reg_lambda · (1 - ε/ε_target)`` (fades with the ramp)."""
-    reg = ctx.options.pop("_reg_loss", None)
+def add_regularizer(loss: torch.Tensor, reg: torch.Tensor | None, ctx: StepContext) -> torch.Tensor:
+    """Add the Shi et al. term ``reg`` (from :func:`bound_margins`), weighted by
+    ``reg_lambda · (1 - ε/ε_target)`` (fades with the ramp)."""
     if reg is None or not ctx.regularize:
         return loss
     return loss + ctx.reg_lambda * (1.0 - ctx.progress) * reg
 
 
-def kappa(ctx: StepContext) -> float:
-    """Weight of the clean loss (Gowal et al. 2018): 1 during warm-up, linearly to ``kappa_end``
-    at the end of the ramp."""
-    end = float(ctx.opt("kappa_end", 0.5))
-    return 1.0 - (1.0 - end) * ctx.progress
+def kappa(ctx: StepContext, end: float) -> float:
+    """Weight of the clean loss (Gowal et al. 2018): 1 during warm-up, linearly to ``end``
+    (the method's ``kappa_end``) at the end of the ramp."""
+    return 1.0 - (1.0 - float(end)) * ctx.progress
 
 
 def attack(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, norm: str,
-           ctx: StepContext, steps: int | None = None, step_size: float | None = None) -> torch.Tensor:
+           ctx: StepContext, steps: int, step_size: float | None = None) -> torch.Tensor:
     """PGD inside the ε-ball ∩ domain with the module in eval mode (BatchNorm statistics are
     not polluted by adversarial inputs); the result is detached."""
     from certonnx.attacks import pgd_attack
@@ -201,8 +241,7 @@ def attack(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, eps: float | tor
     for p in req:
         p.requires_grad_(False)
     try:
-        steps = int(steps if steps is not None else ctx.opt("pgd_steps", 10))
-        x_adv = pgd_attack(model_fn, x.detach(), y, eps, norm=norm, domain=ctx.domain, steps=steps,
+        x_adv = pgd_attack(model_fn, x.detach(), y, eps, norm=norm, domain=ctx.domain, steps=int(steps),
                            restarts=1, step_size=step_size, generator=ctx.generator, random_init=True)
     finally:
         for p in req:

@@ -3,18 +3,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from certonnx.train.methods.base import bound_margins, input_set
 from certonnx.train.methods.ibp import IBP
+from certonnx.train.methods.options import option
 
 
 class CrownIBP(IBP):
     name = "crown-ibp"
 
+    @dataclass(frozen=True)
+    class Options(IBP.Options):
+        beta_end: float = option(0.0, "final weight β of the CROWN-IBP bound (β goes 1 → this over the ramp)",
+                                 ge=0, le=1)
+
     def robust_lb(self, bm, x, y, eps, norm, ctx):  # type: ignore[no-untyped-def]
         s = input_set(x, eps, norm, ctx)
-        lb_ibp = bound_margins(bm, s, y, "ibp", ctx)
-        beta = float(ctx.opt("beta_end", 0.0)) + (1.0 - float(ctx.opt("beta_end", 0.0))) * (1.0 - ctx.progress)
+        lb_ibp, reg = bound_margins(bm, s, y, "ibp", ctx)  # the regulariser comes from the IBP pass
+        end = self.opts(ctx).beta_end
+        beta = end + (1.0 - end) * (1.0 - ctx.progress)
         if beta <= 0 or eps <= 0:  # at ε = 0 (warm-up) both bounds are the clean margins
-            return lb_ibp
-        lb_crown = bound_margins(bm, s, y, "crown-ibp", ctx)
-        return beta * lb_crown + (1 - beta) * lb_ibp
+            return lb_ibp, reg
+        lb_crown, _ = bound_margins(bm, s, y, "crown-ibp", ctx)
+        return beta * lb_crown + (1 - beta) * lb_ibp, reg

@@ -24,15 +24,19 @@ Two optional terms from the paper:
   (plain mixing). Implemented by returning a surrogate loss whose value is the certified loss
   and whose gradient is the combined one, so the trainer stays unchanged.
 
-Flags (``--opt KEY=VALUE``): ``cure_variant``, ``cure_lambda`` (and per-norm
-``cure_lambda_linf`` / ``cure_lambda_l2``), ``cure_align``, ``cure_align_on``, ``cure_gp``,
-``cure_gp_project``, ``cure_clean_weight``, ``pgd_steps``. See docs/cure.md.
+Flags (``--method-opt KEY=VALUE``, declared in :class:`CURE.Options`): ``cure_variant``,
+``cure_lambda`` (and per-norm ``cure_lambda_linf`` / ``cure_lambda_l2``), ``cure_align``,
+``cure_align_on``, ``cure_gp``, ``cure_gp_project``, ``cure_clean_weight``, ``pgd_steps``. See
+docs/cure.md. The paper's default radii (``--norm linf,l2``) live in
+:mod:`certonnx.train.radii`, since every method can use them; they are re-exported here.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,68 +52,13 @@ from certonnx.train.methods.base import (
     add_regularizer,
     attack,
     bound_margins,
+    pgd_steps_option,
 )
+from certonnx.train.methods.options import MethodOptions, option
 from certonnx.train.methods.sabr import shrink_into_ball
+from certonnx.train.radii import default_norms, parse_norms_with_defaults
 
 VARIANTS = ("joint", "max", "random")
-
-# (L∞, L2) radii used in the CURE paper's experiments, per input shape and setting.
-_DEFAULTS: dict[tuple[int, ...], dict[str, dict[str, float]]] = {
-    (1, 28, 28): {"small": {"linf": 0.1, "l2": 0.75}, "large": {"linf": 0.3, "l2": 1.0}},
-    (3, 32, 32): {"small": {"linf": 2 / 255, "l2": 0.25}, "large": {"linf": 8 / 255, "l2": 0.5}},
-}
-
-
-# -- radii ---------------------------------------------------------------------------------------
-
-def default_norms(sample_shape: Sequence[int], setting: str = "small") -> dict[str, float]:
-    """The paper's radii for MNIST-shaped (1x28x28 or 784) and CIFAR-shaped (3x32x32) inputs.
-
-    ``setting`` is ``small`` (MNIST L∞ 0.1 / L2 0.75, CIFAR 2/255 / 0.25) or ``large``
-    (MNIST 0.3 / 1.0, CIFAR 8/255 / 0.5). Other shapes have no sensible default: the user
-    must give radii, so this raises a :class:`CertonnxError` saying so.
-    """
-    shape = tuple(int(d) for d in sample_shape)
-    # channel-last (Keras/TF exports) and flat layouts of the same images
-    if shape in ((784,), (28, 28), (1, 784), (784, 1), (28, 28, 1)):
-        shape = (1, 28, 28)
-    if shape in ((3072,), (32, 32, 3)):
-        shape = (3, 32, 32)
-    if setting not in ("small", "large"):
-        raise CertonnxError(f"unknown radius setting {setting!r} (expected small or large)")
-    if shape not in _DEFAULTS:
-        raise CertonnxError(f"no default radii for inputs of shape {list(shape)}: give them explicitly, "
-                            "e.g. --norm linf:0.1,l2:0.5")
-    return dict(_DEFAULTS[shape][setting])
-
-
-def parse_norms_with_defaults(text: str, sample_shape: Sequence[int], setting: str = "small"
-                              ) -> dict[str, float]:
-    """``'linf,l2'`` -> the default radii for the data's shape; ``'linf:0.2,l2'`` mixes explicit
-    and default radii. Raises ValueError (one line) on bad input, like ``parse_norms``."""
-    from certonnx.certify.core import canonical_norm, parse_norms
-
-    parts = [p.strip() for p in (text or "").split(",") if p.strip()]
-    if not parts:
-        raise ValueError("expected NORM[:EPS][,NORM[:EPS]], e.g. linf,l2 or linf:0.1,l2:0.5")
-    explicit = parse_norms(",".join(p for p in parts if ":" in p)) if any(":" in p for p in parts) else {}
-    out: dict[str, float] = {}
-    defaults: dict[str, float] | None = None
-    for p in parts:
-        norm = canonical_norm(p.split(":", 1)[0])
-        if norm in out:
-            raise ValueError(f"norm {norm} given twice")
-        if ":" in p:
-            out[norm] = explicit[norm]
-            continue
-        if defaults is None:
-            try:
-                defaults = default_norms(sample_shape, setting)
-            except CertonnxError as e:
-                raise ValueError(str(e)) from None
-        out[norm] = defaults[norm]
-    return out
-
 
 # -- loss pieces (pure functions, tested directly) -----------------------------------------------
 
@@ -185,18 +134,6 @@ def surrogate_loss(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor 
     return s + lin - lin.detach()
 
 
-def _flag(v: object) -> bool:
-    """A boolean flag from ``--opt KEY=VALUE`` (strings like ``0``/``false``/``no`` are False)."""
-    if isinstance(v, str):
-        t = v.strip().lower()
-        if t in ("0", "false", "no", "off", ""):
-            return False
-        if t in ("1", "true", "yes", "on"):
-            return True
-        raise CertonnxError(f"expected a boolean (0/1/true/false), got {v!r}")
-    return bool(v)
-
-
 # -- the method ----------------------------------------------------------------------------------
 
 class CURE(Method):
@@ -205,20 +142,40 @@ class CURE(Method):
     name = "cure"
     bound_method = "ibp"
 
+    @dataclass(frozen=True)
+    class Options(MethodOptions):
+        cure_variant: Literal["joint", "max", "random"] = option(
+            "joint", "how the norms combine: mean of the losses, per-sample worst norm, one random norm per batch")
+        cure_lambda: float = option(0.4, "τ/ε of the propagated region, every norm (1: IBP on the whole ball)",
+                                    gt=0, le=1)
+        cure_lambda_linf: float | None = option(None, "L∞ override of cure_lambda", gt=0, le=1)
+        cure_lambda_l2: float | None = option(None, "L2 override of cure_lambda", gt=0, le=1)
+        cure_align: float = option(0.0, "bound-alignment weight η (0: off)", ge=0)
+        cure_align_on: Literal["certified", "all"] = option(
+            "certified", "samples the alignment uses: the L∞-certified ones or all")
+        cure_gp: float = option(1.0, "gradient-projection factor β, weight of the certified gradient (1: off)",
+                                ge=0, le=1)
+        cure_gp_project: bool = option(True, "project the natural gradient onto the certified one (false: mix)")
+        cure_clean_weight: float = option(0.0, "weight of an extra clean CE term", ge=0)
+        pgd_steps: int = pgd_steps_option()
+
+        def lam(self, norm: str) -> float:
+            """λ of ``norm``: its override, else ``cure_lambda``."""
+            own = getattr(self, f"cure_lambda_{norm}", None)
+            return self.cure_lambda if own is None else own
+
     def region_bounds(self, model_fn: ModelFn, bm, x: torch.Tensor, y: torch.Tensor, eps: float,  # type: ignore[no-untyped-def]
-                      norm: str, ctx: StepContext) -> torch.Tensor:
-        """Margin lower bounds (B, K-1) over the small SABR region of norm ``norm``."""
-        lam = float(ctx.opt(f"cure_lambda_{norm}", ctx.opt("cure_lambda", 0.4)))
-        if not 0.0 < lam <= 1.0:
-            raise CertonnxError(f"cure_lambda must be in (0, 1], got {lam}")
-        tau = lam * eps
+                      norm: str, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(lb, reg)``: margin lower bounds (B, K-1) over the small SABR region of norm ``norm``,
+        and the regulariser of that bound pass (None when the regularisers are off)."""
+        o = self.opts(ctx)
+        tau = o.lam(norm) * eps
         if eps > 0 and tau < eps:
-            x_adv = attack(model_fn, x, y, eps - tau, norm, ctx)
+            x_adv = attack(model_fn, x, y, eps - tau, norm, ctx, o.pgd_steps)
             c = shrink_into_ball(x, x_adv, eps, tau, norm, ctx.domain)
         else:
             c = x
-        lb = bound_margins(bm, InputSet(c, tau, norm=norm, domain=ctx.domain), y, self.bound_method, ctx)
-        return lb
+        return bound_margins(bm, InputSet(c, tau, norm=norm, domain=ctx.domain), y, self.bound_method, ctx)
 
     def loss(self, model_fn, bm, x, y, eps, norm, ctx):  # type: ignore[no-untyped-def]
         """Single norm: SABR with CURE's flags (used when only one norm is given)."""
@@ -226,17 +183,8 @@ class CURE(Method):
         return self.loss_multi(model_fn, bm, x, y, sub)
 
     def loss_multi(self, model_fn, bm, x, y, ctx):  # type: ignore[no-untyped-def]
-        variant = str(ctx.opt("cure_variant", "joint")).lower()
-        if variant not in VARIANTS:
-            raise CertonnxError(f"unknown cure_variant {variant!r} (expected one of {', '.join(VARIANTS)})")
-        align_w = float(ctx.opt("cure_align", 0.0))
-        align_on = str(ctx.opt("cure_align_on", "certified")).lower()
-        if align_on not in ("certified", "all"):
-            raise CertonnxError(f"unknown cure_align_on {align_on!r} (expected certified or all)")
-        beta = float(ctx.opt("cure_gp", 1.0))
-        if not 0.0 <= beta <= 1.0:
-            raise CertonnxError(f"cure_gp (β) must be in [0, 1], got {beta}")
-        clean_w = float(ctx.opt("cure_clean_weight", 0.0))
+        o = self.opts(ctx)
+        variant, align_w, beta, clean_w = o.cure_variant, o.cure_align, o.cure_gp, o.cure_clean_weight
         use_gp = beta < 1.0 and torch.is_grad_enabled()
 
         norms = dict(ctx.eps)
@@ -255,21 +203,18 @@ class CURE(Method):
         lbs: dict[str, torch.Tensor] = {}
         regs: list[torch.Tensor] = []
         for norm, eps in norms.items():
-            lbs[norm] = self.region_bounds(model_fn, bm, x, y, float(eps), norm, ctx)
-            r = ctx.options.pop("_reg_loss", None)
+            lbs[norm], r = self.region_bounds(model_fn, bm, x, y, float(eps), norm, ctx)
             if r is not None:
                 regs.append(r)
-        if regs:
-            ctx.options["_reg_loss"] = torch.stack(regs).mean()
 
         per_sample = {n: robust_ce_per_sample(lb) for n, lb in lbs.items()}
         cert_loss = combine_losses(per_sample, variant)
         align = None
         if align_w > 0 and "linf" in lbs and "l2" in lbs:
-            mask = (lbs["linf"].detach().amin(1) > 0) if align_on == "certified" else None
+            mask = (lbs["linf"].detach().amin(1) > 0) if o.cure_align_on == "certified" else None
             align = bound_alignment(lbs["linf"], lbs["l2"], mask)
             cert_loss = cert_loss + align_w * align
-        cert_loss = add_regularizer(cert_loss, ctx)
+        cert_loss = add_regularizer(cert_loss, torch.stack(regs).mean() if regs else None, ctx)
         if clean_w > 0 and clean_ce is not None:
             cert_loss = cert_loss + clean_w * clean_ce
 
@@ -285,5 +230,9 @@ class CURE(Method):
             return cert_loss, stats  # let the trainer report the divergence
         g_cert = torch.autograd.grad(cert_loss, params, allow_unused=True, retain_graph=True)
         g_nat = torch.autograd.grad(clean_ce, params, allow_unused=True)  # type: ignore[arg-type]
-        g = project_gradients(g_cert, g_nat, beta, project=_flag(ctx.opt("cure_gp_project", True)))
+        g = project_gradients(g_cert, g_nat, beta, project=o.cure_gp_project)
         return surrogate_loss(params, g, cert_loss), stats
+
+
+__all__ = ["CURE", "VARIANTS", "bound_alignment", "combine_losses", "default_norms", "parse_norms_with_defaults",
+           "project_gradients", "robust_ce_per_sample", "surrogate_loss", "worst_case_logits"]

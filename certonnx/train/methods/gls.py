@@ -7,12 +7,12 @@ weight changes (a ReLU flipping between relaxation branches changes the bound ab
 paper shows that optimising the Gaussian-smoothed loss ``L_σ(θ) = E_{ε~N(0,σ²)} L(θ + ε)``
 removes these problems, so the tighter relaxation can pay off. Two estimators of ``∇L_σ``:
 
-* **PGPE** (zeroth order, ``--opt gls_estimator=pgpe``): antithetic pairs ``θ ± ε_k``, only loss
+* **PGPE** (zeroth order, ``--method-opt gls_estimator=pgpe``): antithetic pairs ``θ ± ε_k``, only loss
   values are used: ``g = Σ_k (L(θ+ε_k) − L(θ−ε_k)) ε_k / (2 h σ²)`` over ``h = pop/2`` pairs
   (element-wise σ). Unbiased for ``∇L_σ`` (exact in expectation for quadratics), works with
   relaxations that are not differentiable (α-CROWN here), but its variance grows with the
   number of parameters: only tiny networks train well with it.
-* **RGS** (randomized gradient smoothing, ``--opt gls_estimator=rgs``): the mean of first-order
+* **RGS** (randomized gradient smoothing, ``--method-opt gls_estimator=rgs``): the mean of first-order
   gradients at ``K`` perturbed copies; implemented as the mean *loss* of the copies ``θ + ε_k``
   (ε detached), whose autograd gradient w.r.t. θ is exactly that mean of gradients.
 
@@ -33,7 +33,8 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,27 +43,57 @@ from torch.func import functional_call, vmap
 
 from certonnx.bounds import BoundedModule, InputSet, margin_matrix
 from certonnx.errors import CertonnxError
-from certonnx.train.methods.base import Method, Stats, StepContext, accuracy, cert_fraction, kappa, robust_ce
+from certonnx.train.methods.base import (
+    Method,
+    Stats,
+    StepContext,
+    accuracy,
+    cert_fraction,
+    kappa,
+    kappa_end_option,
+    robust_ce,
+)
+from certonnx.train.methods.options import MethodOptionError, MethodOptions, option
 
 ESTIMATORS = ("pgpe", "rgs")
 RELAXATIONS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 #: relaxations whose bound pass is vmappable in this engine (others loop over members)
 _VMAPPABLE = ("ibp", "crown-ibp")
 
-# defaults (documented in docs/gls.md)
-DEFAULTS: dict[str, Any] = {
-    "gls_estimator": "pgpe",
-    "gls_relaxation": "crown-ibp",
-    "gls_sigma": 0.05,
-    "gls_sigma_mode": "rel",  # rel: σ = gls_sigma · RMS of each parameter tensor; abs: σ = gls_sigma
-    "gls_pop": 32,  # members per step (PGPE: 2 × antithetic pairs; RGS: K)
-    "gls_mix": 0.0,  # weight of the plain (unsmoothed) gradient
-    "gls_antithetic": True,  # RGS: use ±ε pairs too (PGPE always does)
-    "gls_shaping": "none",  # PGPE fitness shaping: none | rank
-    "gls_sigma_lr": 0.0,  # PGPE σ adaptation rate (0: off)
-    "gls_chunk": 0,  # members per vmap call (0: all at once)
-    "gls_batched": "auto",  # auto | vmap | loop: how the population is evaluated
-}
+
+@dataclass(frozen=True)
+class GLSOptions(MethodOptions):
+    """GLS's flags (documented in docs/gls.md)."""
+
+    gls_estimator: Literal["pgpe", "rgs"] = option("pgpe", "gradient estimator: pgpe (zeroth order) or rgs "
+                                                   "(first order)", flag="--gls-estimator")
+    gls_relaxation: Literal["ibp", "crown-ibp", "crown", "alpha-crown"] = option(
+        "crown-ibp", "relaxation the loss is computed with (alpha-crown: pgpe only)", flag="--relaxation")
+    gls_sigma: float = option(0.05, "noise scale σ", gt=0)
+    gls_sigma_mode: Literal["rel", "abs"] = option("rel", "rel: σ = gls_sigma × RMS of each parameter tensor; "
+                                                   "abs: σ = gls_sigma")
+    gls_pop: int = option(32, "members per step (pgpe: 2 × antithetic pairs, rounded up to even; rgs: K)", ge=2)
+    gls_mix: float = option(0.0, "weight of the plain (unsmoothed) gradient; 1 = no smoothing", ge=0, le=1)
+    gls_antithetic: bool = option(True, "rgs: use ±ε pairs too (pgpe always does)")
+    gls_shaping: Literal["none", "rank"] = option("none", "pgpe fitness shaping")
+    gls_sigma_lr: float = option(0.0, "pgpe σ adaptation rate (0: fixed σ)", ge=0)
+    gls_chunk: int = option(0, "members per vmapped call (0: all at once)", ge=0)
+    gls_batched: Literal["auto", "vmap", "loop"] = option("auto", "how the population is evaluated")
+    kappa_end: float = kappa_end_option()
+    alpha_steps: int = option(20, "α-CROWN optimisation steps per bound (gls_relaxation=alpha-crown)", ge=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.gls_estimator == "pgpe" and self.gls_pop % 2:
+            object.__setattr__(self, "gls_pop", self.gls_pop + 1)  # antithetic pairs
+        if self.gls_estimator == "rgs" and self.gls_relaxation == "alpha-crown":
+            raise MethodOptionError("gls_estimator=rgs needs gradients of the bound, but alpha-crown bounds are "
+                                    "detached from the parameters in this engine; use gls_estimator=pgpe or "
+                                    "gls_relaxation=crown")
+
+
+#: the defaults, as a plain dict (derived from GLSOptions, so they are written once)
+DEFAULTS: dict[str, Any] = GLSOptions().to_dict()
 
 
 def _prefer_vmap(relaxation: str, device: torch.device) -> bool:
@@ -73,12 +104,6 @@ def _prefer_vmap(relaxation: str, device: torch.device) -> bool:
     if relaxation not in _VMAPPABLE:
         return False
     return relaxation == "ibp" or device.type == "cuda"
-
-
-def _as_bool(v: Any) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    return bool(v)
 
 
 class _BoundLoss(nn.Module):
@@ -186,6 +211,7 @@ class GLS(Method):
     """Certified training on the Gaussian-smoothed loss (PGPE or RGS estimator)."""
 
     name = "gls"
+    Options = GLSOptions
 
     def __init__(self) -> None:
         self._sigma_state: dict[str, torch.Tensor] | None = None  # PGPE σ adaptation (per coordinate)
@@ -193,64 +219,27 @@ class GLS(Method):
         self._wrapper: _BoundLoss | None = None
         self.calls = {"batched": 0, "looped": 0}  # population evaluations (for tests/benchmarks)
 
-    # -- options -------------------------------------------------------------------------------
-    @staticmethod
-    def options(ctx: StepContext) -> dict[str, Any]:
-        o = {k: ctx.opt(k, v) for k, v in DEFAULTS.items()}
-        o["gls_estimator"] = str(o["gls_estimator"]).lower()
-        o["gls_relaxation"] = str(o["gls_relaxation"]).lower().replace("_", "-")
-        o["gls_sigma_mode"] = str(o["gls_sigma_mode"]).lower()
-        o["gls_shaping"] = str(o["gls_shaping"]).lower()
-        o["gls_batched"] = str(o["gls_batched"]).lower()
-        if o["gls_batched"] not in ("auto", "vmap", "loop"):
-            raise CertonnxError(f"unknown gls_batched {o['gls_batched']!r} (expected auto, vmap or loop)")
-        for k in ("gls_sigma", "gls_mix", "gls_sigma_lr"):
-            o[k] = float(o[k])
-        for k in ("gls_pop", "gls_chunk"):
-            o[k] = int(o[k])
-        o["gls_antithetic"] = _as_bool(o["gls_antithetic"])
-        if o["gls_estimator"] not in ESTIMATORS:
-            raise CertonnxError(f"unknown gls_estimator {o['gls_estimator']!r} (expected pgpe or rgs)")
-        if o["gls_relaxation"] not in RELAXATIONS:
-            raise CertonnxError(f"unknown gls_relaxation {o['gls_relaxation']!r} "
-                                f"(expected one of {', '.join(RELAXATIONS)})")
-        if o["gls_sigma_mode"] not in ("rel", "abs"):
-            raise CertonnxError(f"unknown gls_sigma_mode {o['gls_sigma_mode']!r} (expected rel or abs)")
-        if o["gls_sigma"] <= 0:
-            raise CertonnxError("gls_sigma must be positive")
-        if not 0.0 <= o["gls_mix"] <= 1.0:
-            raise CertonnxError("gls_mix must be in [0, 1]")
-        if o["gls_pop"] < 2:
-            raise CertonnxError("gls_pop must be at least 2")
-        if o["gls_estimator"] == "pgpe" and o["gls_pop"] % 2:
-            o["gls_pop"] += 1  # antithetic pairs
-        if o["gls_estimator"] == "rgs" and o["gls_relaxation"] == "alpha-crown":
-            raise CertonnxError("gls_estimator=rgs needs gradients of the bound, but alpha-crown bounds are "
-                                "detached from the parameters in this engine; use gls_estimator=pgpe or "
-                                "gls_relaxation=crown")
-        return o
-
     # -- pieces --------------------------------------------------------------------------------
     def _params(self, bm: BoundedModule) -> dict[str, nn.Parameter]:
         return {n: p for n, p in bm.gm.named_parameters() if p.requires_grad}
 
-    def _sigma(self, params: dict[str, nn.Parameter], o: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _sigma(self, params: dict[str, nn.Parameter], o: GLSOptions) -> dict[str, torch.Tensor]:
         """σ per parameter tensor (a 0-d tensor) or, with σ adaptation, per coordinate."""
-        if o["gls_sigma_lr"] > 0 and self._sigma_state is not None \
+        if o.gls_sigma_lr > 0 and self._sigma_state is not None \
                 and self._sigma_state.keys() == params.keys() \
                 and all(self._sigma_state[n].shape == p.shape for n, p in params.items()):
             return self._sigma_state
         with torch.no_grad():
-            if o["gls_sigma_mode"] == "abs":
-                sig = {n: torch.tensor(o["gls_sigma"], dtype=p.dtype, device=p.device) for n, p in params.items()}
+            if o.gls_sigma_mode == "abs":
+                sig = {n: torch.tensor(o.gls_sigma, dtype=p.dtype, device=p.device) for n, p in params.items()}
             else:
                 rms = {n: p.detach().pow(2).mean().sqrt() for n, p in params.items()}
                 tot = sum(float(p.detach().pow(2).sum()) for p in params.values())
                 glob = math.sqrt(tot / max(sum(p.numel() for p in params.values()), 1)) or 1.0
                 # a zero-initialised tensor (biases) takes the global scale, else it is never explored
-                sig = {n: o["gls_sigma"] * (r if float(r) > 1e-12 else torch.tensor(glob, dtype=r.dtype, device=r.device))
+                sig = {n: o.gls_sigma * (r if float(r) > 1e-12 else torch.tensor(glob, dtype=r.dtype, device=r.device))
                        for n, r in rms.items()}
-        if o["gls_sigma_lr"] > 0:
+        if o.gls_sigma_lr > 0:
             self._sigma_state = {n: s.expand_as(params[n]).clone() for n, s in sig.items()}
             self._sigma0 = {n: s.clone() for n, s in self._sigma_state.items()}
             return self._sigma_state
@@ -317,23 +306,23 @@ class GLS(Method):
                   ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         if bm is None:
             raise CertonnxError("the gls method needs a BoundedModule")
-        o = self.options(ctx)
+        o: GLSOptions = self.opts(ctx)
         if self._wrapper is None or self._wrapper.gm is not bm.gm:
             self._wrapper = _BoundLoss(bm)
             self._vmap_ok = {}
         w = self._wrapper
-        k = kappa(ctx) if any(e > 0 for e in eps.values()) else 1.0
-        w.setup(eps, k, o["gls_relaxation"], tuple(ctx.domain), int(ctx.opt("alpha_steps", 20)))  # type: ignore[arg-type]
+        k = kappa(ctx, o.kappa_end) if any(e > 0 for e in eps.values()) else 1.0
+        w.setup(eps, k, o.gls_relaxation, tuple(ctx.domain), o.alpha_steps)  # type: ignore[arg-type]
         C = margin_matrix(y, ctx.num_classes).to(x.dtype)
         params = self._params(bm)
         if not params:
             raise CertonnxError("the model has no trainable parameters")
         sigma = self._sigma(params, o)
-        mix = o["gls_mix"]
-        P = o["gls_pop"]
+        mix = o.gls_mix
+        P = o.gls_pop
 
         # the unperturbed network: statistics, BatchNorm running stats, the optional plain gradient
-        if o["gls_relaxation"] == "alpha-crown":
+        if o.gls_relaxation == "alpha-crown":
             # α-CROWN backpropagates its own objective inside compute(): with the real parameters
             # that would accumulate into their .grad, so evaluate on detached copies; its bound is
             # detached anyway, the plain gradient (gls_mix) is then that of the clean term only
@@ -349,31 +338,31 @@ class GLS(Method):
 
         if mix >= 1.0:  # plain gradient of the same loss (the unsmoothed baseline)
             return center_loss, stats
-        if o["gls_estimator"] == "pgpe":
+        if o.gls_estimator == "pgpe":
             h = P // 2
             with torch.no_grad():
                 noise = self._noise(params, sigma, h, ctx)
                 members = {f"gm.{n}": torch.cat([p.detach().unsqueeze(0) + noise[n], p.detach().unsqueeze(0) - noise[n]])
                            for n, p in params.items()}
-                losses = self._evaluate(w, members, x, y, C, o["gls_relaxation"], o["gls_chunk"], o["gls_batched"])
-                grads = pgpe_gradient(losses, noise, sigma, o["gls_shaping"])
-                if o["gls_sigma_lr"] > 0:
-                    self._adapt_sigma(losses, noise, o["gls_sigma_lr"])
+                losses = self._evaluate(w, members, x, y, C, o.gls_relaxation, o.gls_chunk, o.gls_batched)
+                grads = pgpe_gradient(losses, noise, sigma, o.gls_shaping)
+                if o.gls_sigma_lr > 0:
+                    self._adapt_sigma(losses, noise, o.gls_sigma_lr)
             value = losses.mean()
             s = sum((p * grads[n]).sum() for n, p in params.items())
             smoothed = s - s.detach() + value  # type: ignore[operator]
         else:  # rgs
-            n_draw = (P + 1) // 2 if o["gls_antithetic"] else P  # pairs: rounded up to even
+            n_draw = (P + 1) // 2 if o.gls_antithetic else P  # pairs: rounded up to even
             with torch.no_grad():
                 noise = self._noise(params, sigma, n_draw, ctx)
-                if o["gls_antithetic"]:
+                if o.gls_antithetic:
                     noise = {n: torch.cat([e, -e]) for n, e in noise.items()}
             # θ + ε with ε constant: d/dθ of the mean loss is the mean of the members' gradients
             members = {f"gm.{n}": p.unsqueeze(0) + noise[n] for n, p in params.items()}
-            losses = self._evaluate(w, members, x, y, C, o["gls_relaxation"], o["gls_chunk"], o["gls_batched"])
+            losses = self._evaluate(w, members, x, y, C, o.gls_relaxation, o.gls_chunk, o.gls_batched)
             smoothed = losses.mean()
         total = (1 - mix) * smoothed + mix * center_loss if mix > 0 else smoothed
         return total, stats  # type: ignore[return-value]
 
 
-__all__ = ["DEFAULTS", "ESTIMATORS", "GLS", "RELAXATIONS", "pgpe_gradient"]
+__all__ = ["DEFAULTS", "ESTIMATORS", "GLS", "GLSOptions", "RELAXATIONS", "pgpe_gradient"]

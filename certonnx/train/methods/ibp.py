@@ -1,7 +1,9 @@
 """IBP training (Gowal et al. 2018): ``κ·CE(clean) + (1-κ)·CE(-lb_IBP)``, κ from 1 to
-``kappa_end`` (default 0.5) over the ε ramp."""
+``kappa_end`` over the ε ramp."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,25 +16,32 @@ from certonnx.train.methods.base import (
     cert_fraction,
     input_set,
     kappa,
+    kappa_end_option,
     robust_ce,
 )
+from certonnx.train.methods.options import MethodOptions
 
 
 class IBP(Method):
     name = "ibp"
     bound_method = "ibp"
 
+    @dataclass(frozen=True)
+    class Options(MethodOptions):
+        kappa_end: float = kappa_end_option()
+
     def robust_lb(self, bm, x, y, eps, norm, ctx):  # type: ignore[no-untyped-def]
+        """``(lb, reg)``: margin lower bounds and the regulariser of their bound pass (or None)."""
         return bound_margins(bm, input_set(x, eps, norm, ctx), y, self.bound_method, ctx)
 
     def loss(self, model_fn, bm, x, y, eps, norm, ctx):  # type: ignore[no-untyped-def]
-        k = kappa(ctx)
+        k = kappa(ctx, self.opts(ctx).kappa_end)
         if k > 0:
             out = model_fn(x).flatten(1)
             clean = F.cross_entropy(out, y)
         else:  # pure robust loss: the clean pass only updates BatchNorm statistics and the accuracy
             with torch.no_grad():
                 out = model_fn(x).flatten(1)
-        lb = self.robust_lb(bm, x, y, eps, norm, ctx)
+        lb, reg = self.robust_lb(bm, x, y, eps, norm, ctx)
         loss = robust_ce(lb) if k <= 0 else k * clean + (1 - k) * robust_ce(lb)
-        return add_regularizer(loss, ctx), {"clean_acc": accuracy(out, y), "cert_acc": cert_fraction(lb)}
+        return add_regularizer(loss, reg, ctx), {"clean_acc": accuracy(out, y), "cert_acc": cert_fraction(lb)}

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from certonnx.train.methods.base import Method, accuracy, attack
+from certonnx.train.methods.base import Method, accuracy, attack, pgd_steps_option
+from certonnx.train.methods.options import MethodOptions
 
 
 class PGD(Method):
@@ -14,8 +17,12 @@ class PGD(Method):
     certified = False
     needs_bounds = False
 
+    @dataclass(frozen=True)
+    class Options(MethodOptions):
+        pgd_steps: int = pgd_steps_option()
+
     def loss(self, model_fn, bm, x, y, eps, norm, ctx):  # type: ignore[no-untyped-def]
-        x_adv = attack(model_fn, x, y, eps, norm, ctx)
+        x_adv = attack(model_fn, x, y, eps, norm, ctx, self.opts(ctx).pgd_steps)
         with torch.no_grad():
             with_clean = model_fn(x).flatten(1)
         out = model_fn(x_adv).flatten(1)

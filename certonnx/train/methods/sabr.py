@@ -2,11 +2,13 @@
 
 PGD finds a point inside the ball; a box (or L2 ball) of radius ``τ = λ·ε`` around it, shifted
 so that it stays inside the ε-ball ∩ domain, is bounded with IBP and trained on with the
-robust CE. Smaller regions give less over-regularisation than full IBP (``--sabr-lambda``,
-default 0.4; λ = 1 is IBP). ``cert_acc`` during training refers to the small region.
+robust CE. Smaller regions give less over-regularisation than full IBP (``--sabr-lambda``;
+λ = 1 is IBP). ``cert_acc`` during training refers to the small region.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -18,8 +20,10 @@ from certonnx.train.methods.base import (
     attack,
     bound_margins,
     cert_fraction,
+    pgd_steps_option,
     robust_ce,
 )
+from certonnx.train.methods.options import MethodOptions, option
 
 
 def shrink_into_ball(x: torch.Tensor, x_adv: torch.Tensor, eps: float, tau: float, norm: str,
@@ -45,17 +49,23 @@ class SABR(Method):
     name = "sabr"
     bound_method = "ibp"
 
+    @dataclass(frozen=True)
+    class Options(MethodOptions):
+        sabr_lambda: float = option(0.4, "radius λ of the propagated region relative to ε (1: IBP)",
+                                    flag="--sabr-lambda", gt=0, le=1)
+        pgd_steps: int = pgd_steps_option()
+
     def loss(self, model_fn, bm, x, y, eps, norm, ctx):  # type: ignore[no-untyped-def]
-        lam = float(ctx.opt("sabr_lambda", 0.4))
-        tau = lam * eps
+        o = self.opts(ctx)
+        tau = o.sabr_lambda * eps
         with torch.no_grad():
             out_clean = model_fn(x).flatten(1)
         if eps > 0:
-            x_adv = attack(model_fn, x, y, eps - tau, norm, ctx)
+            x_adv = attack(model_fn, x, y, eps - tau, norm, ctx, o.pgd_steps)
             c = shrink_into_ball(x, x_adv, eps, tau, norm, ctx.domain)
         else:
             c = x
         s = InputSet(c, tau, norm=norm, domain=ctx.domain)
-        lb = bound_margins(bm, s, y, self.bound_method, ctx)
+        lb, reg = bound_margins(bm, s, y, self.bound_method, ctx)
         loss = robust_ce(lb)
-        return add_regularizer(loss, ctx), {"clean_acc": accuracy(out_clean, y), "cert_acc": cert_fraction(lb)}
+        return add_regularizer(loss, reg, ctx), {"clean_acc": accuracy(out_clean, y), "cert_acc": cert_fraction(lb)}

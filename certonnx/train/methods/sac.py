@@ -40,7 +40,9 @@ spectral norm through ``torch.linalg.matrix_norm(·, 2)`` for L2, max row sums f
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,15 +51,9 @@ from torch.nn.utils import parametrize
 
 from certonnx.errors import CertonnxError
 from certonnx.train.methods.base import Method, StepContext, accuracy
+from certonnx.train.methods.options import MethodOptions, option
 
 SHRINK_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _flag(v: Any) -> bool:
-    """A boolean flag that may arrive as a string from ``--opt KEY=VALUE``."""
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    return bool(v)
 
 
 class Shrink(nn.Module):
@@ -161,14 +157,26 @@ def log_lipschitz(module: nn.Module, norm: str, originals: dict[str, torch.Tenso
 
 
 class SaC(Method):
-    """Shrink & Cert; flags (``--opt KEY=VALUE``): ``sac_alpha`` (0.2), ``sac_granularity``
-    (weight|channel), ``sac_lr`` (1e-3, Adam on s), ``sac_xi`` (1e-3, virtual step size),
-    ``sac_hypergrad`` (unrolled|first|none), ``sac_val_frac`` (0.5), ``sac_every`` (1),
-    ``sac_loss`` (ce|lmt), ``sac_lip_weight`` (0), ``sac_cert_stats`` (true)."""
+    """Shrink & Cert; flags (``--method-opt KEY=VALUE``) in :class:`SaC.Options`."""
 
     name = "sac"
     certified = True  # reports the Lipschitz-certified fraction of the batch
     needs_bounds = True  # the BoundedModule gives the Lipschitz certificate for the stats
+
+    @dataclass(frozen=True)
+    class Options(MethodOptions):
+        sac_alpha: float = option(0.2, "cap α of the shrinkage factor (the authors use 0.1-0.25)", gt=0, le=1e6)
+        sac_granularity: Literal["weight", "channel"] = option("weight", "one s per weight or per output channel")
+        sac_lr: float = option(1e-3, "Adam learning rate of s (0 freezes s)", ge=0)
+        sac_xi: float = option(1e-3, "virtual step size ξ of the unrolled hypergradient", ge=0)
+        sac_hypergrad: Literal["unrolled", "first", "none"] = option("unrolled", "hypergradient of the upper level")
+        sac_val_frac: float = option(0.5, "fraction of each batch used by the upper level", ge=0, lt=1)
+        sac_every: int = option(1, "upper-level step every N batches", ge=1)
+        sac_loss: Literal["ce", "lmt"] = option("ce", "objective: cross-entropy or Lipschitz-margin CE")
+        sac_lip_weight: float = option(0.0, "weight of the Σ log L_layer penalty", ge=0)
+        sac_lip_norm: Literal["linf", "l2"] | None = option(None, "norm of that penalty [default: the first "
+                                                           "training norm]")
+        sac_cert_stats: bool = option(True, "report the Lipschitz-certified fraction per batch")
 
     def __init__(self) -> None:
         self.params: list[nn.Parameter] = []
@@ -177,25 +185,19 @@ class SaC(Method):
         self._lr = 1e-3
 
     # -- setup / state -----------------------------------------------------------------------
-    def setup(self, module: nn.Module, options: dict[str, Any] | None = None) -> list[nn.Parameter]:
+    def setup(self, module: nn.Module, options: MethodOptions | Mapping[str, Any] | None = None
+              ) -> list[nn.Parameter]:
         """Register the shrinkage (idempotent) and create the upper-level optimizer; returns the
         parameters this method owns (the trainer must keep them out of its optimizer).
 
         Call before loading a checkpoint: the parametrized ``state_dict`` has the keys
         ``<layer>.parametrizations.weight.original`` and ``<layer>.parametrizations.weight.0.s``.
         """
-        opts = options or {}
-
-        def get(name: str, default: Any) -> Any:
-            v = opts.get(name)
-            return default if v is None else v
-
-        alpha = float(get("sac_alpha", 0.2))
-        gran = str(get("sac_granularity", "weight"))
-        params = add_shrinkage(module, alpha, gran)
+        o = options if isinstance(options, self.Options) else self.parse_options(options, strict=False)
+        params = add_shrinkage(module, o.sac_alpha, o.sac_granularity)
         if self.opt_s is None or [id(p) for p in self.params] != [id(p) for p in params]:
             self.params = params
-            self._lr = float(get("sac_lr", 1e-3))
+            self._lr = o.sac_lr
             self.opt_s = torch.optim.Adam(self.params, lr=self._lr)
             if self._pending_state is not None:
                 self.opt_s.load_state_dict(self._pending_state)
@@ -218,8 +220,8 @@ class SaC(Method):
     # -- objective -----------------------------------------------------------------------------
     def _objective(self, out: torch.Tensor, y: torch.Tensor, module: nn.Module, ctx: StepContext,
                    originals: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        kind = str(ctx.opt("sac_loss", "ce"))
-        lipw = float(ctx.opt("sac_lip_weight", 0.0))
+        o = self.opts(ctx)
+        kind, lipw = o.sac_loss, o.sac_lip_weight
         out = out.flatten(1)
         logs: dict[str, torch.Tensor] = {}
 
@@ -238,10 +240,10 @@ class SaC(Method):
                     add = torch.maximum(add, eps * c * torch.exp(log_l(norm)))
             onehot = F.one_hot(y, out.shape[1]).to(out.dtype)
             loss = F.cross_entropy(out + add * (1 - onehot), y)
-        else:
+        else:  # (the Options type admits no other value)
             raise CertonnxError(f"sac_loss must be 'ce' or 'lmt', got {kind!r}")
         if lipw > 0:
-            norm = str(ctx.opt("sac_lip_norm", next(iter(ctx.eps), "l2")))
+            norm = o.sac_lip_norm or next(iter(ctx.eps), "l2")
             loss = loss + lipw * log_l(norm)
         return loss
 
@@ -265,10 +267,8 @@ class SaC(Method):
         from torch.func import functional_call
 
         assert self.opt_s is not None
-        mode = str(ctx.opt("sac_hypergrad", "unrolled"))
-        if mode not in ("unrolled", "first", "none"):
-            raise CertonnxError(f"sac_hypergrad must be unrolled, first or none, got {mode!r}")
-        xi = float(ctx.opt("sac_xi", 1e-3))
+        o = self.opts(ctx)
+        mode, xi = o.sac_hypergrad, o.sac_xi
         layers = shrink_modules(module)
         names = [f"{n}.parametrizations.weight.original" if n else "parametrizations.weight.original"
                  for n, _, _ in layers]
@@ -307,14 +307,12 @@ class SaC(Method):
     # -- the trainer's entry point ----------------------------------------------------------
     def loss_multi(self, model_fn, bm, x, y, ctx):  # type: ignore[no-untyped-def]
         module = ctx.module
-        self.setup(module, ctx.options)
+        o = self.opts(ctx)
+        self.setup(module, o)
         B = int(x.shape[0])
-        frac = float(ctx.opt("sac_val_frac", 0.5))
-        if not 0.0 <= frac < 1.0:
-            raise CertonnxError(f"sac_val_frac must be in [0, 1), got {frac}")
-        nv = min(int(round(B * frac)), B - 1)
+        nv = min(int(round(B * o.sac_val_frac)), B - 1)
         x_tr, y_tr, x_val, y_val = x[:B - nv], y[:B - nv], x[B - nv:], y[B - nv:]
-        every = max(1, int(ctx.opt("sac_every", 1)))
+        every = o.sac_every
         stats: dict[str, float | None] = {}
         if nv > 0 and ctx.step % every == 0:
             stats["upper_loss"] = self.upper_step(module, x_tr, y_tr, x_val, y_val, ctx)
@@ -329,7 +327,7 @@ class SaC(Method):
                 sh.hold = False
         stats["clean_acc"] = accuracy(out, y_tr)
         stats["cert_acc"] = None
-        if bm is not None and _flag(ctx.opt("sac_cert_stats", True)) and ctx.eps:
+        if bm is not None and o.sac_cert_stats and ctx.eps:
             stats["cert_acc"] = self._cert_fraction(bm, x_tr, y_tr, ctx)
         with torch.no_grad():
             stats["shrink_mean"] = float(torch.cat([sh.factor().flatten() for _, _, sh in layers]).mean())
