@@ -532,6 +532,9 @@ def b_maxpool(r: Rng, shape: Shape | None) -> Block | None:
     k = tuple(r.int(1, 3) for _ in range(nd))
     s = tuple(r.int(1, 3) for _ in range(nd))
     d = tuple(r.choice([1, 1, 2, 3]) for _ in range(nd))
+    # dilation has no effect along an axis with kernel 1, and PyTorch 2.14's max_pool backward
+    # corrupts the heap there (docs/reliability.md): keep it 1 on such axes
+    d = tuple(1 if kk == 1 else dd for kk, dd in zip(k, d))
     p = tuple(r.int(0, kk // 2) for kk in k)
     ceil = r.coin(0.2)
     if nd == 1:

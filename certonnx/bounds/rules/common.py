@@ -130,6 +130,12 @@ class MonotoneLinearRule(Rule):
         z = torch.zeros((B * S, *self.in_shapes[0]), dtype=A.dtype, device=A.device, requires_grad=True)
         with torch.enable_grad():
             out = self.call_with(vals, {i: z})
+            if tuple(out.shape) != (B * S, *self.out_shape):
+                from certonnx.errors import UnsupportedOpError
+
+                # e.g. an Expand to a shape read from the input (its batch size): the op cannot
+                # be applied to the B·S rows of a bound matrix
+                raise UnsupportedOpError(self.label, self.node.name, "the op's output shape depends on the batch size")
             (g,) = torch.autograd.grad(out, z, A.reshape(B * S, *self.out_shape), create_graph=A.requires_grad)
         g = g.reshape(B, S, *self.in_shapes[0])
         # offset of the op at zero (non-zero only for constant padding)

@@ -91,7 +91,12 @@ class MaxPoolRule(Rule):
 
     def ibp(self, vals: Sequence[Value]) -> Interval:
         itv: Interval = vals[0]
-        return Interval(self.call_with(vals, {0: itv.lower}), self.call_with(vals, {0: itv.upper}))
+        lo = self.call_with(vals, {0: itv.lower})
+        if bool(torch.isneginf(lo).any()) and bool(torch.isfinite(itv.lower).all()):
+            # dilation and padding can put a whole window in the padding: its output is −inf
+            # whatever the input, which no finite bound describes
+            raise UnsupportedOpError(self.label, self.node.name, "a pooling window lies entirely in the padding")
+        return Interval(lo, self.call_with(vals, {0: itv.upper}))
 
     def propagate_error(self, vals: Sequence[Value], errs: Sequence[torch.Tensor]) -> torch.Tensor:
         # |max_w(a + d) − max_w(a)| ≤ max_w |d|
