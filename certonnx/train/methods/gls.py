@@ -151,27 +151,19 @@ def _population_mode(bm: BoundedModule) -> Iterator[None]:
 
     * BatchNorm in training mode normalises with batch statistics but must not update its
       running statistics once per member (the centre's clean pass does that once).
-    * The affine rules cache |W| keyed on ``(data_ptr, _version)``. Under vmap, weights are
-      functorch wrappers without storage (``data_ptr`` raises); in a loop, member tensors are
-      fresh allocations that may reuse an address with version 0 (a stale hit). So the cache is
-      bypassed per rule instance while members are evaluated (see docs/gls.md).
+
+    (The affine rules compute |W| on every call, so vmapped or freshly allocated member weights
+    need nothing here.)
     """
     bns = [m for m in bm.gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
            and m.training and m.track_running_stats]
     for m in bns:
         m.track_running_stats = False
-    patched = []
-    for r in bm.rules.values():
-        if hasattr(r, "abs_weight"):
-            r.abs_weight = torch.abs  # type: ignore[method-assign]
-            patched.append(r)
     try:
         yield
     finally:
         for m in bns:
             m.track_running_stats = True
-        for r in patched:
-            del r.abs_weight
 
 
 def _centered_ranks(v: torch.Tensor) -> torch.Tensor:
