@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+from tests.train_util import one_thread  # noqa: F401  (a fixture for every test module)
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")

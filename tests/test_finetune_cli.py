@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from certonnx.utils import sha256_file
 from tests.train_util import write_npz
@@ -14,12 +13,7 @@ from tests.train_util import write_npz
 FIX = Path(__file__).resolve().parent / "fixtures"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _run(monkeypatch: pytest.MonkeyPatch, cwd: Path, *args: str) -> int:

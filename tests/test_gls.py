@@ -14,14 +14,7 @@ from certonnx.train.methods import REGISTRY
 from certonnx.train.methods.base import StepContext
 from certonnx.train.methods.gls import GLS, pgpe_gradient
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """vmapped populations on a loaded 2-core machine slow down badly with 2 intra-op threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _tiny(seed: int = 0) -> nn.Module:
