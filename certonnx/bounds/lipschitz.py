@@ -43,7 +43,9 @@ def node_constants(bm: BoundedModule, norm: str) -> dict[fx.Node, float]:
     if shape is None:
         raise ValueError("BoundedModule needs sample_shape for the Lipschitz certificate")
     p = next(bm.gm.parameters(), None)
-    x = torch.zeros(1, *shape, device=p.device if p is not None else "cpu")
+    # a batch of two: every bound pass checks that each node keeps the batch axis, so a model
+    # that mixes samples (x[0:1].expand_as(x)) is refused here too, not only by the bound methods
+    x = torch.zeros(2, *shape, device=p.device if p is not None else "cpu")
     with torch.no_grad():
         ctx = bm.ibp_pass(InputSet(x, 0.0, "linf", None))
     consts: dict[fx.Node, float] = {bm.input_node: 1.0}
