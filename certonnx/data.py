@@ -131,6 +131,17 @@ def _layout(x: np.ndarray, channels_last: bool | None = None) -> tuple[np.ndarra
     return x, f"N + {x.ndim - 1} dims", ""
 
 
+def _check_n(n: int | None) -> None:
+    if n is not None and n <= 0:
+        raise DataError(f"--n must be positive, got {n}")
+
+
+def _check_per_sample(arrays: Sequence[tuple[str, np.ndarray]]) -> None:
+    for k, a in arrays:
+        if a.ndim == 0:
+            raise DataError(f"{k} is a single value of shape (), not an array with one entry per sample")
+
+
 def load_npz(
     path: str | os.PathLike[str],
     split: str = "test",
@@ -167,12 +178,9 @@ def load_npz(
             xa, ya = npz[kx], npz[ky]
         except _READ_ERRORS as e:
             raise DataError(f"cannot read arrays {kx}/{ky} from {p} ({type(e).__name__}: {_one_line(e)})") from e
-    for k, a in ((kx, xa), (ky, ya)):
-        if a.ndim == 0:
-            raise DataError(f"{k} is a single value of shape (), not an array with one entry per sample")
+    _check_per_sample(((kx, xa), (ky, ya)))
+    _check_n(n)
     if n is not None:
-        if n <= 0:
-            raise DataError(f"--n must be positive, got {n}")
         xa, ya = xa[:n], ya[:n]
     return _convert(xa, ya, kx, ky, p, allow_unnormalized, num_classes, mean, std)
 
@@ -198,12 +206,9 @@ def load_data(
                               num_classes=num_classes)
         info["format"] = "npz"
         return x, y, info
-    if n is not None and n <= 0:
-        raise DataError(f"--n must be positive, got {n}")
+    _check_n(n)
     arrays = read_split(src, split, n)
-    for k, a in ((arrays.x_name, arrays.x), (arrays.y_name, arrays.y)):
-        if a.ndim == 0:
-            raise DataError(f"{k} is a single value of shape (), not an array with one entry per sample")
+    _check_per_sample(((arrays.x_name, arrays.x), (arrays.y_name, arrays.y)))
     x, y, info = _convert(arrays.x, arrays.y, arrays.x_name, arrays.y_name, str(path), allow_unnormalized,
                           num_classes, mean, std, channels_last=arrays.channels_last)
     return x, y, {**info, **arrays.info}
