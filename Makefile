@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean lock
+.PHONY: venv demo test lint typecheck check bench clean lock
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,13 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check certonnx tests tools examples
+
+# mypy reads its settings (files, strictness, untyped libraries) from pyproject.toml
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# what CI runs: lint, types, then the test suite
+check: lint typecheck test
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench/bounds.py

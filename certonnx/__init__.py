@@ -10,13 +10,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from certonnx import api
-from certonnx.api import finetune
-
-__version__ = "0.1.0"
+from certonnx._version import __version__
 
 if TYPE_CHECKING:
+    from certonnx import api
+    from certonnx.api import finetune
     from certonnx.graph.model import CertModel
+
+
+def __getattr__(name: str) -> Any:
+    # lazy: importing a low layer (``certonnx.bounds.registry``, ``certonnx.io``) must not pull
+    # in the whole pipeline, and the CLI's start-up time is mostly imports
+    if name in ("api", "finetune"):
+        import importlib
+
+        api_module = importlib.import_module("certonnx.api")
+        return api_module if name == "api" else api_module.finetune
+    raise AttributeError(f"module 'certonnx' has no attribute {name!r}")
 
 
 def load(path: str, **kwargs: Any) -> CertModel:

@@ -7,11 +7,12 @@ expected failures) into one ``error: ...`` line and a non-zero exit, unless ``--
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import click
 
-from certonnx import __version__
+from certonnx._version import __version__
 
 # command name -> module under certonnx.commands exposing a click command called ``command``
 COMMANDS = ["inspect", "certify", "verify", "finetune", "check"]

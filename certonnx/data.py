@@ -268,7 +268,7 @@ def _convert(
         mx = int(xa.max())
         if mx > 255 or xa.min() < 0:
             raise DataError(f"{kx} holds integers outside [0, 255] (max {mx})")
-    x = np.empty(xl.shape, np.float32)
+    x: np.ndarray[Any, np.dtype[np.float32]] = np.empty(xl.shape, np.float32)
     x[...] = xl
     if xa.dtype.kind in "ui":
         x /= np.float32(255.0)

@@ -61,7 +61,7 @@ _TEST_FALLBACK = ("val", "valid", "validation")
 DECODE_BATCH = 256
 #: idx prefixes per split (torchvision's MNIST file names)
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
-_IDX_TYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+_IDX_TYPES: dict[int, np.dtype[Any]] = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 _IDX_NAME = re.compile(r"^(?P<prefix>[a-z0-9]+)-(?P<kind>images|labels)-idx(?P<ndim>\d)-ubyte(?:\.gz)?$")
 _READ_CHUNK = 1 << 24
@@ -270,8 +270,8 @@ def _decode(path: Path, grey: bool | None) -> np.ndarray:
             if grey and mode not in _GREY:
                 raise DataError(f"image {path} is colour ({mode}) but the folder's first image is greyscale: "
                                 "store all images of a dataset in one kind")
-            im = im.convert("L" if grey or (grey is None and mode in _GREY) else "RGB")
-            return np.asarray(im, dtype=np.uint8)
+            pixels = im.convert("L" if grey or (grey is None and mode in _GREY) else "RGB")
+            return np.asarray(pixels, dtype=np.uint8)
     except DataError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:

@@ -5,10 +5,18 @@ time budget while the slow checks remain one flag away."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
+from tests.paths import FIXTURES
 from tests.train_util import one_thread  # noqa: F401  (a fixture for every test module)
+
+
+@pytest.fixture
+def fixtures() -> Path:
+    """The folder of bundled test fixtures (``tests/fixtures``)."""
+    return FIXTURES
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

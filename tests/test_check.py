@@ -22,8 +22,9 @@ from certonnx.certify.gate import (
 )
 from certonnx.cli import main
 from certonnx.io.metadata import read_certificate
+from tests.paths import FIXTURES
 
-FIX = Path(__file__).parent / "fixtures"
+FIX = FIXTURES
 DATA = FIX / "mnist_200.npz"
 
 

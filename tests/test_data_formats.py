@@ -22,7 +22,9 @@ from certonnx.errors import DataError
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
-FIX = Path(__file__).resolve().parent / "fixtures"
+from tests.paths import FIXTURES  # noqa: E402
+
+FIX = FIXTURES
 MLP = FIX / "mnist_mlp_trained.onnx"
 DATA = FIX / "mnist_200.npz"
 

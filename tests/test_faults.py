@@ -33,9 +33,10 @@ import numpy as np
 import pytest
 
 from certonnx.utils import sha256_file
+from tests.paths import FIXTURES
 
 ROOT = Path(__file__).resolve().parents[1]
-FIX = ROOT / "tests" / "fixtures"
+FIX = FIXTURES
 MODEL = FIX / "mlp_ts.onnx"
 DATA = FIX / "mnist_200.npz"
 SEED = int(os.environ.get("CERTONNX_FAULT_SEED", "11"))

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from certonnx.utils import sha256_file
+from tests.paths import FIXTURES
 from tests.train_util import write_npz
 
-FIX = Path(__file__).resolve().parent / "fixtures"
+FIX = FIXTURES
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -10,8 +10,9 @@ import onnxruntime as ort
 import pytest
 
 from certonnx.cli import main
+from tests.paths import FIXTURES
 
-FIX = Path(__file__).parent / "fixtures"
+FIX = FIXTURES
 DATA = str(FIX / "mnist_200.npz")
 
 

@@ -54,9 +54,10 @@ from certonnx.cli import COMMANDS, cli, main
 from certonnx.errors import ModelLoadError
 from certonnx.io.load import read_model
 from certonnx.utils import sha256_file
+from tests.paths import FIXTURES
 
 ROOT = Path(__file__).resolve().parents[1]
-FIX = ROOT / "tests" / "fixtures"
+FIX = FIXTURES
 CASE_LIMIT_S = float(os.environ.get("CERTONNX_FUZZ_CASE_LIMIT", "8"))
 _EXAMPLES = os.environ.get("CERTONNX_FUZZ_EXAMPLES")
 RANDOM = os.environ.get("CERTONNX_FUZZ_RANDOM") == "1"

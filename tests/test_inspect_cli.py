@@ -9,8 +9,9 @@ import pytest
 
 from certonnx.cli import main
 from certonnx.io import export, load, make_certificate
+from tests.paths import FIXTURES
 
-FIX = Path(__file__).parent / "fixtures"
+FIX = FIXTURES
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

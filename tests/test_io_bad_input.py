@@ -15,8 +15,9 @@ from certonnx.cli import main
 from certonnx.errors import ModelLoadError, OutputPathError, UnsupportedOpError
 from certonnx.io import export, load
 from certonnx.utils import sha256_file
+from tests.paths import FIXTURES
 
-FIX = Path(__file__).parent / "fixtures"
+FIX = FIXTURES
 
 
 def _save(m: onnx.ModelProto, path: Path) -> Path:

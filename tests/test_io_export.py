@@ -18,8 +18,9 @@ from certonnx.errors import ExportError, OutputPathError
 from certonnx.io import export, load, make_certificate, read_certificate
 from certonnx.io.metadata import SCHEMA, graph_fingerprint, weights_fingerprint
 from certonnx.io.normalization import prepend_normalization
+from tests.paths import FIXTURES
 
-FIX = Path(__file__).parent / "fixtures"
+FIX = FIXTURES
 FIXTURES = sorted(p.name for p in FIX.glob("*.onnx"))
 
 

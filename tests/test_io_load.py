@@ -17,8 +17,9 @@ from certonnx.io import load
 from certonnx.io import passes as P
 from certonnx.io.load import parity
 from certonnx.io.normalization import detect_normalization, prepend_normalization
+from tests.paths import FIXTURES
 
-FIX = Path(__file__).parent / "fixtures"
+FIX = FIXTURES
 FIXTURES = sorted(p.name for p in FIX.glob("*.onnx"))
 
 

@@ -13,9 +13,10 @@ from certonnx.certify.gate import RequirementError, check_eps_ranges, parse_requ
 from certonnx.certify.norms import canonical_norm, eps_range_error, parse_eps, parse_norms
 from certonnx.cli import main
 from certonnx.errors import ConfigError
+from tests.paths import FIXTURES
 from tests.train_util import write_npz
 
-FIX = Path(__file__).resolve().parent / "fixtures"
+FIX = FIXTURES
 MLP = str(FIX / "mnist_mlp_trained.onnx")
 DATA = str(FIX / "mnist_200.npz")
 

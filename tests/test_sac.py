@@ -17,9 +17,10 @@ from certonnx.bounds.lipschitz import lipschitz_radius, node_constants
 from certonnx.certify.lipschitz_cert import certify_lipschitz
 from certonnx.train.methods.base import StepContext
 from certonnx.train.methods.sac import SaC, add_shrinkage, log_lipschitz, shrink_modules
+from tests.paths import FIXTURES
 from tests.train_util import one_thread, small_cnn_bn, small_mlp, synthetic_xy  # noqa: F401
 
-FIX = Path(__file__).parent / "fixtures"
+FIX = FIXTURES
 
 
 def _randomize_s(module: nn.Module, seed: int = 0) -> None:

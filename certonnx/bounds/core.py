@@ -15,6 +15,9 @@ from certonnx.bounds.rounding import U32, absolute_slack, engine_gamma
 
 NORMS = ("linf", "l2")
 
+#: a bound matrix ``(B, S, *s)``, or ``None`` where that side of the bound is not wanted
+AMat = torch.Tensor | None
+
 
 def per_sample_flat(t: torch.Tensor, lead: int = 1) -> torch.Tensor:
     """``t`` with everything after its first ``lead`` axes in one axis (also for tensors with
@@ -83,13 +86,15 @@ class Interval:
     @property
     def lower(self) -> torch.Tensor:
         if self._lower is None:
-            self._lower = self._center - self._radius  # type: ignore[operator]
+            assert self._center is not None and self._radius is not None
+            self._lower = self._center - self._radius
         return self._lower
 
     @property
     def upper(self) -> torch.Tensor:
         if self._upper is None:
-            self._upper = self._center + self._radius  # type: ignore[operator]
+            assert self._center is not None and self._radius is not None
+            self._upper = self._center + self._radius
         return self._upper
 
     @property
@@ -97,13 +102,15 @@ class Interval:
         if self._center is None:
             # in place on the fresh sum: one allocation less per conversion (CPU large-tensor
             # allocations are page faults), autograd-safe since add does not save its output
-            self._center = torch.add(self._upper, self._lower).mul_(0.5)  # type: ignore[arg-type]
+            assert self._upper is not None and self._lower is not None
+            self._center = torch.add(self._upper, self._lower).mul_(0.5)
         return self._center
 
     @property
     def radius(self) -> torch.Tensor:
         if self._radius is None:
-            self._radius = torch.sub(self._upper, self._lower).mul_(0.5)  # type: ignore[arg-type]
+            assert self._upper is not None and self._lower is not None
+            self._radius = torch.sub(self._upper, self._lower).mul_(0.5)
         return self._radius
 
     @property
@@ -234,3 +241,17 @@ def margin_matrix(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     full = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, K, K), row j = e_y - e_j
     keep = torch.arange(num_classes, device=y.device).unsqueeze(0) != y.unsqueeze(1)
     return full[keep].view(y.shape[0], num_classes - 1, num_classes)
+
+
+def concretize_interval(A: torch.Tensor, itv: Interval, sign: float) -> torch.Tensor:
+    """min (sign=-1) / max (sign=+1) of ``A · v`` over the box ``itv``: ``(B, S)``."""
+    return box_concretize(per_sample_flat(A, 2), per_sample_flat(itv.center).unsqueeze(-1),
+                          per_sample_flat(itv.radius).unsqueeze(-1), sign)
+
+
+def rounding_term(A: AMat, err: torch.Tensor) -> torch.Tensor | float:
+    """``Σ |A| · err`` over the per-sample dims, ``(B, S)``: what a bias term loses to an op's
+    rounding error ``err`` (one value per output element, ``(B, *out)`` or broadcastable)."""
+    if A is None:
+        return 0.0
+    return per_sample_flat(A.abs() * err.unsqueeze(1), 2).sum(2)

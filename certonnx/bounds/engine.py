@@ -24,56 +24,42 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 from torch.fx.node import map_arg
-from torch.utils._pytree import tree_flatten
 
-from certonnx.bounds.core import Folded, InputSet, Interval
-from certonnx.bounds.registry import METHODS, Rule, lookup, node_label
+from certonnx.bounds.core import Folded, InputSet, Interval, concretize_interval, rounding_term
+from certonnx.bounds.registry import METHODS, lookup, node_label, perturbed_nodes
 from certonnx.bounds.rounding import absolute_slack, engine_gamma, magnitude
-from certonnx.bounds.rules.common import concretize_interval, rounding_term
+from certonnx.bounds.rule import AffineLayer, ChannelAffine, Rule, Value
 from certonnx.errors import UnsupportedOpError
+from certonnx.graph.analysis import (
+    foldable_pairs,
+    node_inputs,
+    single_input,
+    single_output,
+    trace,
+    users_within,
+)
+
+__all__ = ["FALLBACK", "BoundedModule", "perturbed_nodes", "trace"]
 
 FALLBACK = {"alpha-crown": "crown", "crown": "crown-ibp", "crown-ibp": "ibp"}
-
-
-def trace(module: nn.Module) -> fx.GraphModule:
-    """An fx graph of ``module`` (imported ONNX models already are one)."""
-    if isinstance(module, fx.GraphModule):
-        return module
-    try:
-        return fx.symbolic_trace(module)
-    except Exception as e:  # noqa: BLE001 - fx raises many types
-        raise UnsupportedOpError(type(module).__name__, detail=f"cannot trace the model with torch.fx: {e}") from e
-
-
-def perturbed_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """Nodes whose value depends on the (single) graph input, in topological order."""
-    pert: set[fx.Node] = set()
-    order = []
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            if not pert:
-                pert.add(node)
-                order.append(node)
-            continue
-        if node.op == "output":
-            continue
-        leaves, _ = tree_flatten((node.args, node.kwargs))
-        if any(isinstance(a, fx.Node) and a in pert for a in leaves):
-            # shape queries do not carry perturbed values onward
-            cls = lookup(node, gm)
-            if cls is not None and cls.shape_only:
-                continue
-            pert.add(node)
-            order.append(node)
-    return order
 
 
 @dataclass
 class _Ctx:
     """Per-call state: values of every node (intervals for perturbed, tensors otherwise)."""
 
-    values: dict[fx.Node, object]
+    values: dict[fx.Node, Value]
     inset: InputSet
+
+
+def _interval(v: object) -> Interval:
+    """``v`` as the :class:`Interval` it must be (the value of a perturbed node)."""
+    assert isinstance(v, Interval), f"expected an interval, got {type(v).__name__}"
+    return v
+
+
+def _abs(b: torch.Tensor | float) -> torch.Tensor | float:
+    return b.abs() if isinstance(b, torch.Tensor) else abs(b)
 
 
 def _no_nan(lb: torch.Tensor, ub: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -95,17 +81,8 @@ class BoundedModule:
     def __init__(self, module: nn.Module, sample_shape: Sequence[int] | None = None) -> None:
         self.gm = trace(module)
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
-        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise UnsupportedOpError("graph", detail=f"expected one input, found {len(placeholders)}")
-        self.input_node = placeholders[0]
-        outs = [n for n in self.gm.graph.nodes if n.op == "output"]
-        out_arg = outs[0].args[0]
-        if isinstance(out_arg, (tuple, list)):
-            if len(out_arg) != 1:
-                raise UnsupportedOpError("graph", detail="models with several outputs are not supported")
-            out_arg = out_arg[0]
-        self.output_node: fx.Node = out_arg  # type: ignore[assignment]
+        self.input_node = single_input(self.gm)
+        self.output_node = single_output(self.gm)
         self.pert = perturbed_nodes(self.gm)
         pert_set = set(self.pert)
         self.rules: dict[fx.Node, Rule] = {}
@@ -113,8 +90,7 @@ class BoundedModule:
         for node in self.gm.graph.nodes:
             if node.op in ("placeholder", "output", "get_attr"):
                 continue
-            leaves, _ = tree_flatten((node.args, node.kwargs))
-            idx = [i for i, a in enumerate(leaves) if isinstance(a, fx.Node) and a in pert_set]
+            idx = [i for i, a in enumerate(node_inputs(node)) if isinstance(a, fx.Node) and a in pert_set]
             if not idx:
                 continue
             cls = lookup(node, self.gm)
@@ -128,11 +104,7 @@ class BoundedModule:
             self.rules[node] = rule
         if self.output_node not in pert_set:
             raise UnsupportedOpError("graph", detail="the output does not depend on the input")
-        self.users: dict[fx.Node, list[fx.Node]] = {n: [] for n in self.pert}
-        for node in self.pert:
-            if node in self.rules:
-                for i in self.rules[node].pert:
-                    self.users[self.rules[node].leaves[i]].append(node)
+        self.users = users_within(self.pert)
         # nodes whose bounds CROWN needs: the inputs of every non-affine rule
         self.relaxed_inputs: list[fx.Node] = []
         for node in self.pert:
@@ -149,51 +121,43 @@ class BoundedModule:
         self._bn_pairs = self._find_bn_pairs()
 
     def _find_bn_pairs(self) -> dict[fx.Node, fx.Node]:
-        """``{affine node: BatchNorm node}`` for a Linear/Conv/MatMul whose only user is a
-        BatchNorm over its output channels. In eval mode IBP folds the pair into one layer.
+        """``{affine node: channel-map node}`` for an :class:`AffineLayer` whose only use is as the
+        input of a :class:`ChannelAffine` (BatchNorm). In eval mode IBP folds the pair into one
+        layer.
 
         Only pairs where nothing else needs the affine layer's own bounds: its output is not
         a relaxed input, not the model output, and feeds the BatchNorm alone.
         """
-        from certonnx.bounds.rules.linear import BatchNormRule, ConvRule, LinearRule, MatMulRule
-
-        pairs: dict[fx.Node, fx.Node] = {}
-        for node, rule in self.rules.items():
-            if not isinstance(rule, LinearRule | ConvRule | MatMulRule) or node in self._shape_nodes:
-                continue
-            users = self.users.get(node, [])
-            if len(users) != 1 or node is self.output_node or node in self.relaxed_inputs:
-                continue
-            bn = self.rules.get(users[0])
-            if isinstance(bn, BatchNormRule) and bn.pert == [0] and bn.leaves[0] is node:
-                pairs[node] = users[0]
-        return pairs
+        return foldable_pairs(
+            self.pert, self.users,
+            first=lambda n: isinstance(self.rules.get(n), AffineLayer) and n not in self._shape_nodes,
+            second=lambda n: isinstance(self.rules.get(n), ChannelAffine),
+            keep={self.output_node, *self.relaxed_inputs},
+        )
 
     def _fusable(self, node: fx.Node, rule: Rule) -> bool:
         """Whether ``node`` is the affine half of a BatchNorm pair that can be folded now: eval
         mode (running statistics are constants; training uses clean-batch statistics), channel
-        axis = the layer's output axis (always for Conv, only for 2-D outputs of Linear/MatMul)."""
+        axis = the layer's output axis (see :meth:`AffineLayer.absorbs_channel_map`)."""
         bn_node = self._bn_pairs.get(node)
-        if bn_node is None or not self._shapes_known:
+        if bn_node is None or not self._shapes_known or not isinstance(rule, AffineLayer):
             return False
         bn = self.rules[bn_node]
-        if bn.module is not None and getattr(bn.module, "training", False):
+        if bn.module is not None and bn.module.training:
             return False
-        from certonnx.bounds.rules.linear import ConvRule
+        return rule.absorbs_channel_map()
 
-        return isinstance(rule, ConvRule) or len(rule.out_shape or ()) == 1
-
-    def _ibp_fused(self, node: fx.Node, rule: Rule, vals: list[object], env: dict[fx.Node, object]) -> Interval:
+    def _ibp_fused(self, node: fx.Node, rule: Rule, vals: list[Value], env: dict[fx.Node, Value]) -> Interval:
         """IBP of an affine layer and the eval-mode BatchNorm after it, as one layer."""
-        bn_node = self._bn_pairs[node]
-        bn = self.rules[bn_node]
+        bn = self.rules[self._bn_pairs[node]]
+        assert isinstance(rule, AffineLayer) and isinstance(bn, ChannelAffine)
         bvals = [None if a is node else (env[a] if isinstance(a, fx.Node) else a) for a in bn.leaves]
-        scale, shift = bn.scale_shift(bvals)  # type: ignore[attr-defined]
-        wf, bf, bmag = rule.fused_weight_bias(vals, scale, shift, bn.shift_magnitude(bvals))  # type: ignore[attr-defined]
-        return rule.ibp(vals, (wf, bf), bmag)  # type: ignore[call-arg]
+        scale, shift = bn.scale_shift(bvals)
+        wf, bf, bmag = rule.fused_weight_bias(vals, scale, shift, bn.shift_magnitude(bvals))
+        return rule.ibp(vals, (wf, bf), bmag)
 
     # -- graph evaluation --------------------------------------------------------------------
-    def _const_value(self, node: fx.Node, env: dict[fx.Node, object]) -> object:
+    def _const_value(self, node: fx.Node, env: dict[fx.Node, Value]) -> object:
         args = map_arg(node.args, lambda n: env[n])
         kwargs = map_arg(node.kwargs, lambda n: env[n])
         if node.op == "get_attr":
@@ -202,33 +166,33 @@ class BoundedModule:
                 obj = getattr(obj, part)
             return obj
         if node.op == "call_module":
-            return self.gm.get_submodule(node.target)(*args, **kwargs)  # type: ignore[arg-type]
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)  # type: ignore[operator]
+            return self.gm.get_submodule(str(node.target))(*args, **kwargs)
+        if node.op == "call_function" and callable(node.target):
+            return node.target(*args, **kwargs)
         if node.op == "call_method":
             self_obj, *rest = args
-            return getattr(self_obj, node.target)(*rest, **kwargs)  # type: ignore[arg-type]
+            return getattr(self_obj, str(node.target))(*rest, **kwargs)
         raise AssertionError(node.op)
 
-    def _resolve(self, rule: Rule, env: dict[fx.Node, object]) -> list[object]:
+    def _resolve(self, rule: Rule, env: dict[fx.Node, Value]) -> list[Value]:
         return [env[a] if isinstance(a, fx.Node) else a for a in rule.leaves]
 
     def _clean_pass(self, x: torch.Tensor) -> None:
         """Run the model on clean data, letting rules that need clean statistics observe it."""
-        env: dict[fx.Node, object] = {self.input_node: x}
+        env: dict[fx.Node, Value] = {self.input_node: x}
         for node in self.gm.graph.nodes:
             if node.op in ("placeholder", "output"):
                 continue
             r = self.rules.get(node)
-            if r is not None and getattr(r, "needs_clean", False):
+            if r is not None and r.needs_clean:
                 xin = env[r.leaves[0]]
-                r.observe(xin)  # type: ignore[attr-defined]
+                assert isinstance(xin, torch.Tensor) and isinstance(r, ChannelAffine)
+                r.observe(xin)
                 # normalise with the batch statistics without touching the running statistics
                 # (the model's own forward pass already updated them for this batch)
-                vals = self._resolve(r, env)
-                scale, shift = r.scale_shift(vals)  # type: ignore[attr-defined]
-                shp = (-1, *([1] * (xin.ndim - 2)))  # type: ignore[union-attr]
-                env[node] = xin * scale.view(shp) + shift.view(shp)  # type: ignore[operator]
+                scale, shift = r.scale_shift(self._resolve(r, env))
+                shp = (-1, *([1] * (xin.ndim - 2)))
+                env[node] = xin * scale.view(shp) + shift.view(shp)
                 continue
             env[node] = self._const_value(node, env)
 
@@ -252,7 +216,7 @@ class BoundedModule:
                 continue
             rule.check_batch(self._resolve(rule, ctx.values))
             n = max(0, int(rule.fan_in(self._resolve(rule, ctx.values))))
-            if getattr(rule, "fusable_addend", False):
+            if rule.fusable_addend:
                 # fused into its producer's accumulation, it sums as many terms as the producer
                 n = max([n] + [fans.get(rule.leaves[i], 0) + 2 for i in rule.pert])
             fans[node] = n
@@ -274,9 +238,9 @@ class BoundedModule:
         return self._ibp_pass(inset)
 
     def _ibp_pass(self, inset: InputSet, fold: bool = True) -> _Ctx:
-        if any(getattr(r, "needs_clean", False) for r in self.rules.values()):
+        if any(r.needs_clean for r in self.rules.values()):
             self._clean_pass(inset.x)
-        env: dict[fx.Node, object] = {self.input_node: inset.interval()}
+        env: dict[fx.Node, Value] = {self.input_node: inset.interval()}
         for node in self.gm.graph.nodes:
             if node.op in ("placeholder", "output"):
                 continue
@@ -303,7 +267,7 @@ class BoundedModule:
                 raise UnsupportedOpError(rule.label, node.name, "the op mixes the samples of a batch "
                                          f"(batch {inset.batch} in, output shape {tuple(itv.shape)})")
             if not self._shapes_known:
-                rule.in_shapes = [tuple(vals[i].lower.shape[1:]) for i in rule.pert]  # type: ignore[union-attr]
+                rule.in_shapes = [tuple(_interval(vals[i]).lower.shape[1:]) for i in rule.pert]
                 rule.out_shape = tuple(itv.lower.shape[1:])
             env[node] = itv
         self._shapes_known = True
@@ -347,8 +311,8 @@ class BoundedModule:
                 bn = self._bn_pairs[n]
                 new = self._ibp_fused(n, rule, self._resolve(rule, env), env)
                 prev = env[bn]
-                env[bn] = new.intersect(prev) if isinstance(prev, Interval) else new
-                env[n] = Folded(env[bn])  # type: ignore[arg-type]
+                fused = new.intersect(prev) if isinstance(prev, Interval) else new
+                env[bn], env[n] = fused, Folded(fused)
                 continue
             if not isinstance(old, Interval) or any(isinstance(env.get(rule.leaves[i]), Folded) for i in rule.pert):
                 continue  # a BatchNorm folded into the layer before it: updated with that layer
@@ -375,10 +339,12 @@ class BoundedModule:
         lower coefficients reaching its output, keyed by its input node (branching scores).
         """
         B = ctx.inset.batch
-        S = (lA if lA is not None else uA).shape[1]  # type: ignore[union-attr]
         ref = lA if lA is not None else uA
-        lb = torch.zeros(B, S, device=ref.device, dtype=ref.dtype) if lA is not None else None  # type: ignore[union-attr]
-        ub = torch.zeros(B, S, device=ref.device, dtype=ref.dtype) if uA is not None else None  # type: ignore[union-attr]
+        assert ref is not None, "backward needs at least one of lA, uA"
+        S = ref.shape[1]
+        # both sums are kept as tensors; the one not asked for is dropped at the end
+        lb = torch.zeros(B, S, device=ref.device, dtype=ref.dtype)
+        ub = torch.zeros(B, S, device=ref.device, dtype=ref.dtype)
         pending: dict[fx.Node, list[torch.Tensor | None]] = {start: [lA, uA]}
         # Σ|terms| added to lb/ub: the running sums round by at most accum_gamma of it
         mag_l: torch.Tensor | float = 0.0
@@ -394,36 +360,34 @@ class BoundedModule:
                 if isinstance(src_itv, Interval) and self.accum_gamma:
                     # the sum rounds like a merge of two bound matrices (see below)
                     t = rounding_term(nl, magnitude(src_itv.lower, src_itv.upper) * self.accum_gamma)
-                    lb, mag_l = lb - t, mag_l + t  # type: ignore[operator]
+                    lb, mag_l = lb - t, mag_l + t
             if node is self.input_node:
                 if nl is not None:
                     t = ctx.inset.concretize(nl, -1.0)
-                    lb, mag_l = lb + t, mag_l + t.abs()  # type: ignore[operator]
+                    lb, mag_l = lb + t, mag_l + t.abs()
                 if nu is not None:
                     t = ctx.inset.concretize(nu, 1.0)
-                    ub, mag_u = ub + t, mag_u + t.abs()  # type: ignore[operator]
+                    ub, mag_u = ub + t, mag_u + t.abs()
                 continue
             if stop is not None and node is not start and stop(node):
-                itv = ctx.values[node]
+                itv = _interval(ctx.values[node])
                 if nl is not None:
-                    t = concretize_interval(nl, itv, -1.0)  # type: ignore[arg-type]
-                    lb, mag_l = lb + t, mag_l + t.abs()  # type: ignore[operator]
+                    t = concretize_interval(nl, itv, -1.0)
+                    lb, mag_l = lb + t, mag_l + t.abs()
                 if nu is not None:
-                    t = concretize_interval(nu, itv, 1.0)  # type: ignore[arg-type]
-                    ub, mag_u = ub + t, mag_u + t.abs()  # type: ignore[operator]
+                    t = concretize_interval(nu, itv, 1.0)
+                    ub, mag_u = ub + t, mag_u + t.abs()
                 continue
             rule = self.rules[node]
             vals = self._resolve(rule, ctx.values)
-            if record is not None and nl is not None and getattr(rule, "alpha_capable", False):
+            if record is not None and nl is not None and rule.alpha_capable:
                 record[rule.leaves[rule.pert[0]]] = nl.detach()
-            if alphas is not None and node in alphas:
-                outs, bl, bu = rule.backward(nl, nu, vals, alpha=alphas[node])  # type: ignore[call-arg]
-            else:
-                outs, bl, bu = rule.backward(nl, nu, vals)
-            if lb is not None:
-                lb, mag_l = lb + bl, mag_l + abs(bl)
-            if ub is not None:
-                ub, mag_u = ub + bu, mag_u + abs(bu)
+            alpha = alphas.get(node) if alphas is not None else None
+            outs, bl, bu = rule.backward(nl, nu, vals, alpha=alpha)
+            if lA is not None:
+                lb, mag_l = lb + bl, mag_l + _abs(bl)
+            if uA is not None:
+                ub, mag_u = ub + bu, mag_u + _abs(bu)
             for i, (al, au) in zip(rule.pert, outs):
                 src = rule.leaves[i]
                 acc = pending.get(src)
@@ -437,17 +401,15 @@ class BoundedModule:
                 src_itv = ctx.values.get(src)
                 if isinstance(src_itv, Interval):
                     m = magnitude(src_itv.lower, src_itv.upper) * self.accum_gamma
-                    if lb is not None and al is not None:
+                    if al is not None:
                         t = rounding_term(acc[0], m)
                         lb, mag_l = lb - t, mag_l + t
-                    if ub is not None and au is not None:
+                    if au is not None:
                         t = rounding_term(acc[1], m)
                         ub, mag_u = ub + t, mag_u + t
-        if lb is not None:
-            lb = lb - self.accum_gamma * mag_l
-        if ub is not None:
-            ub = ub + self.accum_gamma * mag_u
-        return lb, ub
+        lower = lb - self.accum_gamma * mag_l if lA is not None else None
+        upper = ub + self.accum_gamma * mag_u if uA is not None else None
+        return lower, upper
 
     def tighten_rows(self, ctx: _Ctx, node: fx.Node, idx: torch.Tensor, lo_flat: torch.Tensor,
                      hi_flat: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -455,7 +417,7 @@ class BoundedModule:
         of the identity specification per backward pass, intersected with the bounds given
         (both sound). Returns new flat ``(lower, upper)`` of shape ``(B, n)``."""
         B, n = lo_flat.shape
-        shape = tuple(ctx.values[node].lower.shape[1:])  # type: ignore[union-attr]
+        shape = tuple(_interval(ctx.values[node]).lower.shape[1:])
         lows, ups = [], []
         for s in range(0, idx.numel(), chunk):
             rows = idx[s : s + chunk]
@@ -463,11 +425,12 @@ class BoundedModule:
             A[torch.arange(rows.numel(), device=rows.device), rows] = 1.0
             A = A.reshape(-1, *shape).unsqueeze(0).expand(B, -1, *shape)
             lb, ub = self.backward(ctx, node, A, A)
+            assert lb is not None and ub is not None
             lows.append(lb)
             ups.append(ub)
         new_lo, new_hi = lo_flat.clone(), hi_flat.clone()
-        new_lo[:, idx] = torch.maximum(torch.cat(lows, 1), lo_flat[:, idx])  # type: ignore[arg-type]
-        new_hi[:, idx] = torch.minimum(torch.cat(ups, 1), hi_flat[:, idx])  # type: ignore[arg-type]
+        new_lo[:, idx] = torch.maximum(torch.cat(lows, 1), lo_flat[:, idx])
+        new_hi[:, idx] = torch.minimum(torch.cat(ups, 1), hi_flat[:, idx])
         return new_lo, new_hi
 
     def _crown_intermediate(self, ctx: _Ctx, chunk_bytes: int) -> None:
@@ -475,7 +438,7 @@ class BoundedModule:
         for node in self.relaxed_inputs:
             if node is self.input_node:
                 continue
-            itv: Interval = ctx.values[node]  # type: ignore[assignment]
+            itv = _interval(ctx.values[node])
             shape = itv.lower.shape[1:]
             n = itv.lower[0].numel()
             B = itv.lower.shape[0]
@@ -497,7 +460,7 @@ class BoundedModule:
 
     def _only_relu_users(self, node: fx.Node) -> bool:
         users = self.users.get(node, [])
-        return bool(users) and all(getattr(self.rules[u], "alpha_capable", False) for u in users)
+        return bool(users) and all(self.rules[u].alpha_capable for u in users)
 
     def _is_stop_for_ibp(self, node: fx.Node) -> bool:
         r = self.rules.get(node)
@@ -551,7 +514,7 @@ class BoundedModule:
                 warnings.warn(f"{method} would exceed the memory budget; falling back to {nxt}", stacklevel=2)
                 method = nxt
         ctx = self.ibp_pass(inset)
-        out_itv: Interval = ctx.values[self.output_node]  # type: ignore[assignment]
+        out_itv = _interval(ctx.values[self.output_node])
         out_shape = out_itv.lower.shape[1:]
         if len(out_shape) == 0:
             raise UnsupportedOpError("graph", detail="the output has no axis besides the batch (shape (N,)): "
@@ -566,18 +529,20 @@ class BoundedModule:
         uC = C if upper else None
         if method == "ibp":
             lb, ub = self.backward(ctx, self.output_node, C, uC, stop=self._is_stop_for_ibp)
-            return _no_nan(lb, ub)  # type: ignore[arg-type]
+            assert lb is not None
+            return _no_nan(lb, ub)
         if method in ("crown", "alpha-crown"):
             self._crown_intermediate(ctx, chunk_bytes)
         lb, ub = self.backward(ctx, self.output_node, C, uC)
+        assert lb is not None
         if method == "alpha-crown":
-            lb = self._optimize_alpha(ctx, C, lb, alpha_steps, alpha_lr)  # type: ignore[arg-type]
+            lb = self._optimize_alpha(ctx, C, lb, alpha_steps, alpha_lr)
         # the output's own interval gives a second sound bound of C·y (the IBP one; tighter
         # than CROWN's where a relaxation is loose, e.g. a wide Clip): keep the better of both
         out_itv = ctx.values[self.output_node]
-        lb = torch.maximum(lb, concretize_interval(C, out_itv, -1.0))  # type: ignore[arg-type]
+        lb = torch.maximum(lb, concretize_interval(C, out_itv, -1.0))
         if ub is not None:
-            ub = torch.minimum(ub, concretize_interval(C, out_itv, 1.0))  # type: ignore[arg-type]
+            ub = torch.minimum(ub, concretize_interval(C, out_itv, 1.0))
         return _no_nan(lb, ub)
 
     def _optimize_alpha(
@@ -587,9 +552,9 @@ class BoundedModule:
         alphas: dict[fx.Node, torch.Tensor] = {}
         S = C.shape[1]
         for node, rule in self.rules.items():
-            if getattr(rule, "alpha_capable", False):
+            if rule.alpha_capable:
                 src = rule.leaves[rule.pert[0]]
-                itv: Interval = ctx.values[src]  # type: ignore[assignment]
+                itv = _interval(ctx.values[src])
                 l, u = itv.lower.detach(), itv.upper.detach()
                 init = (u > -l).to(l.dtype)  # CROWN's adaptive slope as the start
                 alphas[node] = init.unsqueeze(1).expand(-1, S, *init.shape[1:]).clone().requires_grad_(True)
@@ -620,7 +585,8 @@ class BoundedModule:
                 best = torch.maximum(best, lb.detach())
         with torch.no_grad():
             lb, _ = self.backward(dctx, self.output_node, C.detach(), None, alphas=alphas)
-            best = torch.maximum(best, lb)  # type: ignore[arg-type]
+            assert lb is not None
+            best = torch.maximum(best, lb)
         return best
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

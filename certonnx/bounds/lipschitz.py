@@ -25,13 +25,7 @@ from torch import fx
 
 from certonnx.bounds.core import InputSet, Interval
 from certonnx.bounds.engine import BoundedModule
-from certonnx.bounds.rules.linear import LinearRule, MatMulRule
-
-
-def _combine(norm: str, parts: list[float]) -> float:
-    if norm == "l2":
-        return math.sqrt(sum(p * p for p in parts))
-    return max(parts)
+from certonnx.bounds.rule import AffineLayer
 
 
 def node_constants(bm: BoundedModule, norm: str) -> dict[fx.Node, float]:
@@ -55,31 +49,18 @@ def node_constants(bm: BoundedModule, norm: str) -> dict[fx.Node, float]:
         rule = bm.rules[node]
         ins = [consts[rule.leaves[i]] for i in rule.pert]
         vals = bm._resolve(rule, ctx.values)
-        label = rule.label
         with torch.no_grad():
-            if label in ("Add", "Sub") and len(rule.pert) == 2:
-                # ‖Δa + Δb‖ ≤ ‖Δa‖ + ‖Δb‖, where an operand broadcast to m× its size has
-                # ‖Δ‖₂ multiplied by √m (each element copied m times); L∞ is unchanged by copies
-                n_out = math.prod(rule.out_shape)
-                mult = [math.sqrt(n_out / max(1, math.prod(s))) if norm == "l2" else 1.0 for s in rule.in_shapes]
-                consts[node] = ins[0] * mult[0] + ins[1] * mult[1]
-                continue
-            if label == "Concat":
-                consts[node] = _combine(norm, ins)
-                continue
-            lip = rule.lipschitz(vals, norm)
+            lip = rule.compose_lipschitz(vals, norm, ins)
         if lip is None:
             raise ValueError(f"no Lipschitz constant for {rule.describe()}")
-        consts[node] = float(lip) * ins[0]
+        consts[node] = float(lip)
     return consts
 
 
 def last_affine(bm: BoundedModule) -> fx.Node | None:
-    """The output node when it is a Linear/MatMul layer (its rows give per-margin constants)."""
+    """The output node when it is a dense layer (its rows give per-margin constants)."""
     r = bm.rules.get(bm.output_node)
-    if isinstance(r, (LinearRule, MatMulRule)):
-        return bm.output_node
-    return None
+    return bm.output_node if isinstance(r, AffineLayer) and r.dense else None
 
 
 def lipschitz_margin_constants(bm: BoundedModule, y: torch.Tensor, num_classes: int, norm: str) -> torch.Tensor:
@@ -94,11 +75,11 @@ def lipschitz_margin_constants(bm: BoundedModule, y: torch.Tensor, num_classes: 
         src = rule.leaves[rule.pert[0]]
         L_h = consts[src]
         p = next(bm.gm.parameters(), None)
-        x = torch.zeros(1, *bm.sample_shape, device=p.device if p is not None else "cpu")  # type: ignore[misc]
+        assert bm.sample_shape is not None and isinstance(rule, AffineLayer)
+        x = torch.zeros(1, *bm.sample_shape, device=p.device if p is not None else "cpu")
         with torch.no_grad():
             ctx = bm.ibp_pass(InputSet(x, 0.0, "linf", None))
-            w, _ = rule.weight_bias(bm._resolve(rule, ctx.values))  # type: ignore[attr-defined]
-            W = w if isinstance(rule, LinearRule) else w.t()  # (K, n)
+            W = rule.dense_matrix(bm._resolve(rule, ctx.values))  # (K, n)
             diff = W[y].unsqueeze(1) - W.unsqueeze(0)  # (B, K, n)
             dual = diff.norm(dim=2) if norm == "l2" else diff.abs().sum(2)
         return dual * L_h

@@ -129,7 +129,7 @@ class ReluSplitBounder:
         bm = self.bm
         B, S = C.shape[0], C.shape[1]
         alphas: dict[Any, torch.Tensor] = {}
-        a_nodes = [(node, rule) for node, rule in bm.rules.items() if getattr(rule, "alpha_capable", False)]
+        a_nodes = [(node, rule) for node, rule in bm.rules.items() if rule.alpha_capable]
         shapes = []
         for node, rule in a_nodes:
             itv: Interval = ctx.values[rule.leaves[rule.pert[0]]]

@@ -59,7 +59,7 @@ class VerifyStats:
 
 
 @contextmanager
-def frozen(module: torch.nn.Module):  # type: ignore[no-untyped-def]
+def frozen(module: torch.nn.Module):
     """Parameters without grad while attacking (faster; restored afterwards)."""
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:
@@ -96,8 +96,9 @@ class _Checker:
         self.run: Callable[[np.ndarray], np.ndarray]
         if onnx_path is not None:
             norm = getattr(model, "normalization", None)
-            outside = norm is not None and not norm.inside
-            self.run = OrtRunner(onnx_path, norm.mean if outside else None, norm.std if outside else None)
+            # a normalisation declared with --mean/--std is not in the file: the runner applies it
+            declared = norm if norm is not None and not norm.inside else None
+            self.run = OrtRunner(onnx_path, declared.mean if declared else None, declared.std if declared else None)
         else:  # library use on a plain torch model: the torch model is the reference
             mod = model.module if hasattr(model, "module") else model
 

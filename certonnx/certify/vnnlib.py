@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -46,7 +47,7 @@ class VnnlibProperty:
     regions: list[Region] = field(default_factory=list)
     path: str | None = None
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Region]:
         return iter(self.regions)
 
     def __len__(self) -> int:
@@ -164,7 +165,8 @@ class _Parser:
     def formula(self, t: object) -> object:
         """-> _Atom list (conjunction) | ('or', [formula...]) | ('and', [formula...])."""
         if not isinstance(t, _Node):
-            tok, ln = t  # type: ignore[misc]
+            assert isinstance(t, tuple)
+            tok, ln = t
             raise PropertyError(f"line {ln}: expected a constraint, got {tok!r}")
         op = _head(t)
         args = t.items[1:]
@@ -200,20 +202,28 @@ def _sum(args: list[tuple[dict[str, float], float]], signs: list[float]) -> tupl
     return coef, const
 
 
+def _var_index(name: str) -> int:
+    """The index of a declared ``X_<i>``/``Y_<j>`` (names were checked against ``_VAR``)."""
+    m = _VAR.match(name)
+    assert m is not None
+    return int(m.group(2))
+
+
 def _dnf(f: object) -> list[list[_Atom]]:
     """Disjunctive normal form of a formula tree (list of conjunctions)."""
-    op, parts = f  # type: ignore[misc]
+    assert isinstance(f, tuple)
+    op, parts = f
     if op == "or":
         out: list[list[_Atom]] = []
         for p in parts:
-            out.extend(_dnf(p) if isinstance(p, tuple) else [[p]])  # type: ignore[list-item]
+            out.extend(_dnf(p) if isinstance(p, tuple) else [[p]])
             if len(out) > MAX_TERMS:
                 raise PropertyError(f"the property has more than {MAX_TERMS} disjuncts")
         return out
     # and
     terms: list[list[_Atom]] = [[]]
     for p in parts:
-        sub = _dnf(p) if isinstance(p, tuple) else [[p]]  # type: ignore[list-item]
+        sub = _dnf(p) if isinstance(p, tuple) else [[p]]
         if len(terms) * len(sub) > MAX_TERMS:
             raise PropertyError(f"the property has more than {MAX_TERMS} disjuncts")
         terms = [a + b for a in terms for b in sub] if len(sub) > 1 else [a + sub[0] for a in terms]
@@ -258,8 +268,8 @@ def _parse(text: str, path: str | None) -> VnnlibProperty:
             continue
         else:
             raise PropertyError(f"line {e.line}: unknown command {head!r}")
-    xs = sorted(int(_VAR.match(v).group(2)) for v in p.declared if v[0] == "X")  # type: ignore[union-attr]
-    ys = sorted(int(_VAR.match(v).group(2)) for v in p.declared if v[0] == "Y")  # type: ignore[union-attr]
+    xs = sorted(_var_index(v) for v in p.declared if v[0] == "X")
+    ys = sorted(_var_index(v) for v in p.declared if v[0] == "Y")
     if not xs:
         raise PropertyError("no input variables (declare-const X_0 Real ...) declared")
     if not ys:
@@ -279,7 +289,8 @@ def _parse(text: str, path: str | None) -> VnnlibProperty:
     pending = [p.formula(a.items[1]) for a in asserts]
     while pending:
         f = pending.pop()
-        op, parts = f  # type: ignore[misc]
+        assert isinstance(f, tuple)
+        op, parts = f
         if op == "and":
             for q in parts:
                 if isinstance(q, _Atom):

@@ -138,7 +138,8 @@ def _recertify(model: str, data: str, norms: dict[str, float], *, split: str, n:
 def _data_inputs(data: str | None) -> dict[str, str | None]:
     from certonnx.data import data_inputs
 
-    return {"--data": None} if data is None else data_inputs(data)
+    inputs: dict[str, str | None] = {"--data": None} if data is None else dict(data_inputs(data))
+    return inputs
 
 
 @contextlib.contextmanager

@@ -286,7 +286,7 @@ class Trainer:
                 eps, frac = self.current_eps(gstep)
                 ctx = StepContext(
                     module=self.module, epoch=e, step=gstep, eps=eps, eps_target=dict(cfg.norms), progress=frac,
-                    domain=tuple(cfg.domain), num_classes=cfg.num_classes, generator=self._gen(e, gstep, self.rank),
+                    domain=(float(cfg.domain[0]), float(cfg.domain[1])), num_classes=cfg.num_classes, generator=self._gen(e, gstep, self.rank),
                     options=self.method_options, regularize=cfg.regularize and 0 < frac < 1,
                     reg_lambda=cfg.reg_lambda,
                 )
@@ -316,7 +316,8 @@ class Trainer:
                                      (st.get("clean_acc") or 0.0) * nb, (cert or 0.0) * nb,
                                      nb if cert is not None else 0, 1], dtype=torch.float64)
                 sums += D.all_reduce_sum(part) if self.world > 1 else part
-                bar.update(loss=sums[1] / max(sums[0], 1), clean=sums[2] / max(sums[0], 1),
+                seen = sums[0].clamp(min=1)
+                bar.update(loss=sums[1] / seen, clean=sums[2] / seen,
                            cert=(sums[3] / sums[4]) if sums[4] > 0 else None, eps=eps)
         finally:
             bar.close()

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
-from certonnx.bounds.core import Interval, per_sample_flat
-from certonnx.bounds.registry import AMat, Rule, Value, register
+from certonnx.bounds.core import AMat, Interval, per_sample_flat
 from certonnx.bounds.rounding import activation_error
+from certonnx.bounds.rule import BackwardResult, Rule, Value, register
 from certonnx.errors import UnsupportedOpError
 
 _TINY = 1e-12
@@ -29,10 +29,12 @@ class ActivationRule(Rule):
     own implementation error), which covers both."""
 
     affine = False
-    #: has a free lower slope that α-CROWN may optimise
-    alpha_capable = False
     #: absolute error of the op's float32 implementations (0: exact, like max(x, 0))
-    impl_error: float = 0.0
+
+    @property
+    def impl_error(self) -> float:
+        """Absolute error of the op's float32 implementations (0: exact, like max(x, 0))."""
+        return 0.0
 
     def fan_in(self, vals: Sequence[Value]) -> int:
         return 4
@@ -50,7 +52,7 @@ class ActivationRule(Rule):
             su = torch.where(exact, torch.zeros_like(su), su)
         return lw, lb - sl, uw, ub + su
 
-    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+    def check(self, gm: fx.GraphModule) -> None:
         if self.pert != [0]:
             raise UnsupportedOpError(self.label, self.node.name, "parameters must not depend on the input")
 
@@ -76,9 +78,8 @@ class ActivationRule(Rule):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def backward(  # type: ignore[no-untyped-def]
-        self, lA: AMat, uA: AMat, vals: Sequence[Value], alpha: torch.Tensor | None = None
-    ):
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],
+                 alpha: torch.Tensor | None = None) -> BackwardResult:
         itv: Interval = vals[0]
         l, u = itv.lower.unsqueeze(1), itv.upper.unsqueeze(1)
         lw, lb, uw, ub = self.relax(l, u, vals)
@@ -102,7 +103,8 @@ class ActivationRule(Rule):
         return 1.0
 
 
-def _relu_relax(l, u, alpha, slope_neg: float = 0.0):  # type: ignore[no-untyped-def]
+def _relu_relax(l: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor | None,
+                slope_neg: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triangle relaxation of max(a·x, x) (a = slope_neg ≤ 1) on [l, u]."""
     a = slope_neg
     active = l >= 0
@@ -135,7 +137,8 @@ class ReLURule(ActivationRule):
     functions = (torch.relu, F.relu)
     method_names = ("relu",)
 
-    def relax(self, l, u, vals, alpha=None):  # type: ignore[no-untyped-def]
+    def relax(self, l: torch.Tensor, u: torch.Tensor, vals: Sequence[Value], alpha: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.outward(*_relu_relax(l, u, alpha), l, u, _relu_exact(l, u, 0.0))
 
     def ibp(self, vals: Sequence[Value]) -> Interval:
@@ -157,16 +160,19 @@ class LeakyReLURule(ActivationRule):
 
     def slope(self) -> float:
         if self.module is not None:
-            return float(self.module.negative_slope)  # type: ignore[union-attr,arg-type]
+            return float(getattr(self.module, "negative_slope"))  # noqa: B009 - nn.LeakyReLU's
         args = self.node.args
-        return float(args[1]) if len(args) > 1 else float(self.node.kwargs.get("negative_slope", 0.01))
+        v = args[1] if len(args) > 1 else self.node.kwargs.get("negative_slope", 0.01)
+        assert isinstance(v, (int, float)), f"negative_slope {v!r}"
+        return float(v)
 
-    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+    def check(self, gm: fx.GraphModule) -> None:
         super().check(gm)
         if not 0.0 <= self.slope() <= 1.0:
             raise UnsupportedOpError(self.label, self.node.name, "negative_slope must be in [0, 1]")
 
-    def relax(self, l, u, vals, alpha=None):  # type: ignore[no-untyped-def]
+    def relax(self, l: torch.Tensor, u: torch.Tensor, vals: Sequence[Value], alpha: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         a = self.slope()
         return self.outward(*_relu_relax(l, u, alpha, a), l, u, _relu_exact(l, u, a))
 
@@ -195,7 +201,7 @@ class _SShapedRule(ActivationRule):
     """
 
     @property
-    def impl_error(self) -> float:  # type: ignore[override]
+    def impl_error(self) -> float:
         return activation_error()
 
     def f(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,7 +210,8 @@ class _SShapedRule(ActivationRule):
     def df(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def relax(self, l, u, vals, alpha=None):  # type: ignore[no-untyped-def]
+    def relax(self, l: torch.Tensor, u: torch.Tensor, vals: Sequence[Value], alpha: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         fl, fu = self.f(l), self.f(u)
         width = u - l
         narrow = width < 1e-6
@@ -252,9 +259,9 @@ class TanhRule(_SShapedRule):
     onnx2torch_names = ("OnnxFunction",)
 
     @classmethod
-    def matches(cls, node, gm) -> bool:  # type: ignore[no-untyped-def]
-        if node.op == "call_module" and type(gm.get_submodule(node.target)).__name__ == "OnnxFunction":
-            return getattr(gm.get_submodule(node.target), "function", None) is torch.tanh
+    def matches(cls, node: fx.Node, gm: fx.GraphModule) -> bool:
+        if node.op == "call_module" and type(gm.get_submodule(str(node.target))).__name__ == "OnnxFunction":
+            return getattr(gm.get_submodule(str(node.target)), "function", None) is torch.tanh
         return True
 
     def f(self, x: torch.Tensor) -> torch.Tensor:
@@ -291,7 +298,7 @@ class ClipRule(ActivationRule):
         if self.node.target is F.relu6:
             return 0.0, 6.0
         if m is not None:
-            lo, hi = m.min_val, m.max_val  # type: ignore[union-attr]
+            lo, hi = getattr(m, "min_val"), getattr(m, "max_val")  # noqa: B009 - onnx2torch's clip
         else:
             args = list(self.node.args[1:]) + [None, None]
             lo = self.node.kwargs.get("min", args[0])
@@ -299,7 +306,7 @@ class ClipRule(ActivationRule):
             if self.node.target is F.hardtanh:
                 lo = -1.0 if lo is None else lo
                 hi = 1.0 if hi is None else hi
-        def num(v, none_at: float):  # type: ignore[no-untyped-def]
+        def num(v: object, none_at: float) -> float | None:
             if v is None:
                 return None
             if isinstance(v, torch.Tensor):
@@ -316,7 +323,7 @@ class ClipRule(ActivationRule):
             return v
         return num(lo, -math.inf), num(hi, math.inf)
 
-    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+    def check(self, gm: fx.GraphModule) -> None:
         super().check(gm)
         self.limits()
 
@@ -336,7 +343,8 @@ class ClipRule(ActivationRule):
         v = torch.full_like(itv.lower, k)
         return Interval(v, v.clone())
 
-    def relax(self, l, u, vals, alpha=None):  # type: ignore[no-untyped-def]
+    def relax(self, l: torch.Tensor, u: torch.Tensor, vals: Sequence[Value], alpha: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         k = self.constant()
         if k is not None:
             z = torch.zeros_like(l)

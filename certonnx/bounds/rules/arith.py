@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 
-from certonnx.bounds.core import Interval
-from certonnx.bounds.registry import AMat, Rule, Value, register
+from certonnx.bounds.core import AMat, Interval
+from certonnx.bounds.rule import BackwardResult, Rule, Value, register
 from certonnx.bounds.rules.common import const_for_A, sum_bias, unbroadcast, with_rounding
 from certonnx.errors import UnsupportedOpError
 
@@ -25,7 +25,7 @@ _OPS = {
 
 def _op_of(node: fx.Node, gm: fx.GraphModule) -> str | None:
     if node.op == "call_module":
-        mod = gm.get_submodule(node.target)  # type: ignore[arg-type]
+        mod = gm.get_submodule(str(node.target))
         if type(mod).__name__ == "OnnxBinaryMathOperation":
             f = mod.math_op_function
             name = getattr(f, "__name__", "")
@@ -39,7 +39,7 @@ def _op_of(node: fx.Node, gm: fx.GraphModule) -> str | None:
                 return "Div"
         return None
     key = node.target if node.op == "call_function" else str(node.target)
-    return _OPS.get(key)  # type: ignore[arg-type]
+    return _OPS.get(key)
 
 
 @register
@@ -47,24 +47,24 @@ class BinaryArithRule(Rule):
     label = "Arith"
     module_types = ()
     onnx2torch_names = ("OnnxBinaryMathOperation",)
-    functions = tuple(k for k in _OPS if not isinstance(k, str))
+    functions = tuple(k for k in _OPS if callable(k))
     method_names = tuple(k for k in _OPS if isinstance(k, str))
 
     @classmethod
     def matches(cls, node: fx.Node, gm: fx.GraphModule) -> bool:
         return _op_of(node, gm) is not None
 
-    def __init__(self, node, gm, pert) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, node, gm, pert) -> None:
         super().__init__(node, gm, pert)
         self.op = _op_of(node, gm)
-        self.label = self.op or "Arith"  # type: ignore[misc]
+        self.label = self.op or "Arith"
         mod = self.module
         if mod is not None and getattr(mod, "broadcast", None) == 1 and getattr(mod, "axis", None) is not None:
             raise UnsupportedOpError(self.op or "Arith", node.name, "old-style broadcast with axis")
         if node.kwargs.get("alpha") not in (None, 1):
             raise UnsupportedOpError(self.op or "Arith", node.name, "alpha != 1")
 
-    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+    def check(self, gm: fx.GraphModule) -> None:
         if self.op in ("Mul", "Div") and len(self.pert) == 2:
             raise UnsupportedOpError(self.op, self.node.name, "product of two input-dependent tensors")
         if self.op == "Div" and self.pert == [1]:
@@ -154,7 +154,8 @@ class BinaryArithRule(Rule):
         return Interval(lo, hi, _affine_ball(itv, k, 0.0, lo, err))
 
     # -- CROWN -----------------------------------------------------------------------------
-    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],
+                 alpha: torch.Tensor | None = None) -> BackwardResult:
         a, b = self._operands(vals)
         y_nd = len(self.out_shape) + 1
         err = self.rounding(vals)
@@ -163,31 +164,43 @@ class BinaryArithRule(Rule):
             sign = 1.0 if self.op == "Add" else -1.0
             for j, s in ((0, 1.0), (1, sign)):
                 shp = self.in_shapes[j]
-                outs.append(tuple(unbroadcast(A * s, shp) if A is not None else None for A in (lA, uA)))  # type: ignore[arg-type]
+                outs.append((unbroadcast(lA * s, shp) if lA is not None else None,
+                             unbroadcast(uA * s, shp) if uA is not None else None))
             bl, bu = with_rounding(0.0, 0.0, lA, uA, _per_sample_err(err, y_nd))
             return outs, bl, bu
         (i,) = self.pert
         shp = self.in_shapes[0]
         c = const_for_A(b if i == 0 else a, y_nd)
+        k: torch.Tensor | float
+        off: torch.Tensor | float
         if self.op == "Add":
             k, off = 1.0, c
         elif self.op == "Sub":
-            k, off = (1.0, -c) if i == 0 else (-1.0, c)  # type: ignore[operator]
+            k, off = (1.0, -c) if i == 0 else (-1.0, c)
         elif self.op == "Mul":
             k, off = c, 0.0
         else:
-            k, off = 1.0 / c, 0.0  # type: ignore[operator]
-        res = []
-        bias = []
+            k, off = 1.0 / c, 0.0
+        res: list[AMat] = []
+        bias: list[torch.Tensor | float] = []
         for A in (lA, uA):
             if A is None:
                 res.append(None)
                 bias.append(0.0)
                 continue
             res.append(unbroadcast(A * k, shp))
-            bias.append(sum_bias(A, off) if _nonzero(off) else 0.0)  # type: ignore[arg-type]
+            bias.append(sum_bias(A, off) if _nonzero(off) else 0.0)
         bl, bu = with_rounding(bias[0], bias[1], lA, uA, _per_sample_err(err, y_nd))
         return [(res[0], res[1])], bl, bu
+
+    def compose_lipschitz(self, vals: Sequence[Value], norm: str, ins: Sequence[float]) -> float | None:
+        if len(ins) == 2 and self.op in ("Add", "Sub"):
+            # ‖Δa ± Δb‖ ≤ ‖Δa‖ + ‖Δb‖, where an operand broadcast to m× its size has ‖Δ‖₂
+            # multiplied by √m (each element copied m times); L∞ is unchanged by copies
+            n_out = math.prod(self.out_shape)
+            mult = [math.sqrt(n_out / max(1, math.prod(s))) if norm == "l2" else 1.0 for s in self.in_shapes]
+            return ins[0] * mult[0] + ins[1] * mult[1]
+        return super().compose_lipschitz(vals, norm, ins)
 
     def lipschitz(self, vals: Sequence[Value], norm: str) -> float | None:
         if len(self.pert) == 2:
@@ -258,7 +271,8 @@ class NegRule(Rule):
         ball = (-itv.ball[0], itv.ball[1]) if itv.ball is not None else None  # exact: a sign flip
         return Interval(-itv.upper, -itv.lower, ball)
 
-    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],
+                 alpha: torch.Tensor | None = None) -> BackwardResult:
         return [(-lA if lA is not None else None, -uA if uA is not None else None)], 0.0, 0.0
 
     def lipschitz(self, vals: Sequence[Value], norm: str) -> float:

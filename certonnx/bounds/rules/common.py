@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import overload
 
 import torch
+from torch import fx
 
-from certonnx.bounds.core import Interval, box_concretize, per_sample_flat
-from certonnx.bounds.registry import AMat, Rule, Value
+from certonnx.bounds.core import AMat, Interval, per_sample_flat, rounding_term
+from certonnx.bounds.rule import BackwardResult, Rule, Value
 
 
 def unbroadcast(A: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -39,20 +41,6 @@ def const_for_A(c: torch.Tensor | float, y_ndim: int) -> torch.Tensor | float:
     return c
 
 
-def concretize_interval(A: torch.Tensor, itv: Interval, sign: float) -> torch.Tensor:
-    """min (sign=-1) / max (sign=+1) of ``A · v`` over the box ``itv``: ``(B, S)``."""
-    return box_concretize(per_sample_flat(A, 2), per_sample_flat(itv.center).unsqueeze(-1),
-                          per_sample_flat(itv.radius).unsqueeze(-1), sign)
-
-
-def rounding_term(A: AMat, err: torch.Tensor) -> torch.Tensor | float:
-    """``Σ |A| · err`` over the per-sample dims, ``(B, S)``: what a bias term loses to an op's
-    rounding error ``err`` (one value per output element, ``(B, *out)`` or broadcastable)."""
-    if A is None:
-        return 0.0
-    return per_sample_flat(A.abs() * err.unsqueeze(1), 2).sum(2)
-
-
 def with_rounding(bl: torch.Tensor | float, bu: torch.Tensor | float, lA: AMat, uA: AMat,
                   err: torch.Tensor | None) -> tuple[torch.Tensor | float, torch.Tensor | float]:
     """Bias terms of a CROWN step, moved outward by the op's rounding error ``err``."""
@@ -72,7 +60,13 @@ def unstack_A(A: torch.Tensor, sizes: list[int], lA: AMat, uA: AMat) -> tuple[AM
     return (pieces.pop(0) if lA is not None else None), (pieces.pop(0) if uA is not None else None)
 
 
-def sum_bias(A: AMat, c: torch.Tensor) -> torch.Tensor | float:
+@overload
+def sum_bias(A: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor: ...
+@overload
+def sum_bias(A: None, c: torch.Tensor | float) -> float: ...
+@overload
+def sum_bias(A: AMat, c: torch.Tensor | float) -> torch.Tensor | float: ...
+def sum_bias(A: AMat, c: torch.Tensor | float) -> torch.Tensor | float:
     """``A · c`` summed over the per-sample dims: ``(B, S)``; c broadcasts to A's trailing dims."""
     if A is None:
         return 0.0
@@ -117,13 +111,14 @@ class MonotoneLinearRule(Rule):
         out = Interval(self.call_with(vals, {i: itv.lower}), self.call_with(vals, {i: itv.upper}))
         return out.widen(self.rounding(vals)) if self.sums else out
 
-    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+    def check(self, gm: fx.GraphModule) -> None:
         if len(self.pert) != 1:
             from certonnx.errors import UnsupportedOpError
 
             raise UnsupportedOpError(self.label, self.node.name, "only one input may depend on the model input")
 
-    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],
+                 alpha: torch.Tensor | None = None) -> BackwardResult:
         (i,) = self.pert
         A, sizes = stack_A(lA, uA)
         B, S = A.shape[:2]

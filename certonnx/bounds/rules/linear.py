@@ -8,10 +8,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
+from torch.nn import grad as nn_grad
 
-from certonnx.bounds.core import Folded, Interval
-from certonnx.bounds.registry import AMat, Rule, Value, register
+from certonnx.bounds.core import AMat, Folded, Interval
+from certonnx.bounds.rule import AffineLayer, BackwardResult, ChannelAffine, Value, register
 from certonnx.bounds.rules.common import stack_A, sum_bias, unstack_A, window_multiplicity, with_rounding
 from certonnx.errors import UnsupportedOpError
 
@@ -25,7 +26,15 @@ def _ball_radius(itv: Interval, rownorm: torch.Tensor, center_out: torch.Tensor)
     return Interval.from_center(center_out, r)
 
 
-class _WeightedRule(Rule):
+def module_weights(m: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight, bias)`` of a Linear/Conv module (bias ``None`` when it has none)."""
+    assert m is not None
+    w, b = m.weight, getattr(m, "bias", None)
+    assert isinstance(w, torch.Tensor) and (b is None or isinstance(b, torch.Tensor))
+    return w, b
+
+
+class _WeightedRule(AffineLayer):
     """Shared IBP for affine layers: centre through the layer, radius through |W|."""
 
     def abs_weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -49,7 +58,7 @@ class _WeightedRule(Rule):
         ``w``'s first axis for Linear/Conv."""
         return v.view(-1, *([1] * (w.ndim - 1)))
 
-    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+    def check(self, gm: fx.GraphModule) -> None:
         if len(self.pert) != 1 or self.pert[0] != 0:
             raise UnsupportedOpError(self.label, self.node.name, "weights must not depend on the input")
 
@@ -145,12 +154,13 @@ class LinearRule(_WeightedRule):
     """``y = x Wᵀ + b`` (nn.Linear, F.linear; ONNX Gemm after conversion)."""
 
     label = "Linear"
+    dense = True
     module_types = (nn.Linear,)
     functions = (F.linear,)
 
     def weight_bias(self, vals: Sequence[Value]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.module is not None:
-            return self.module.weight, self.module.bias  # type: ignore[return-value]
+            return module_weights(self.module)
         return vals[1], (vals[2] if len(vals) > 2 else None)
 
     def apply(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -159,13 +169,17 @@ class LinearRule(_WeightedRule):
     def rownorm(self, w: torch.Tensor) -> torch.Tensor:
         return w.norm(dim=1)
 
-    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+    def dense_matrix(self, vals: Sequence[Value]) -> torch.Tensor:
+        return self.weight_bias(vals)[0]
+
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],
+                 alpha: torch.Tensor | None = None) -> BackwardResult:
         w, b = self.weight_bias(vals)
         A, sizes = stack_A(lA, uA)
         nA = A.matmul(w)
         bias = sum_bias(A, b) if b is not None else torch.zeros(A.shape[:2], device=A.device, dtype=A.dtype)
         nl, nu = unstack_A(nA, sizes, lA, uA)
-        bl, bu = unstack_A(bias, sizes, lA, uA)  # type: ignore[arg-type]
+        bl, bu = unstack_A(bias, sizes, lA, uA)
         bl_, bu_ = with_rounding(bl if bl is not None else 0.0, bu if bu is not None else 0.0, lA, uA,
                                  self.rounding(vals[0], w, b))
         return [(nl, nu)], bl_, bu_
@@ -183,10 +197,11 @@ class MatMulRule(_WeightedRule):
     """``y = x @ W`` with constant ``W`` (ONNX MatMul by an initializer)."""
 
     label = "MatMul"
+    dense = True
     onnx2torch_names = ("OnnxMatMul",)
     functions = (torch.matmul, operator.matmul)
 
-    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+    def check(self, gm: fx.GraphModule) -> None:
         super().check(gm)
 
     def weight_bias(self, vals: Sequence[Value]) -> tuple[torch.Tensor, None]:
@@ -202,13 +217,17 @@ class MatMulRule(_WeightedRule):
     def rownorm(self, w: torch.Tensor) -> torch.Tensor:
         return w.norm(dim=0)
 
+    def dense_matrix(self, vals: Sequence[Value]) -> torch.Tensor:
+        return self.weight_bias(vals)[0].t()  # x @ W: W's columns are the outputs
+
     def per_output(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return v.view(1, -1)  # x @ W: outputs are W's columns
 
     def terms(self, w: torch.Tensor) -> int:
         return int(w.shape[0])
 
-    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],
+                 alpha: torch.Tensor | None = None) -> BackwardResult:
         w, _ = self.weight_bias(vals)
         A, sizes = stack_A(lA, uA)
         nl, nu = unstack_A(A.matmul(w.t()), sizes, lA, uA)
@@ -221,7 +240,7 @@ class MatMulRule(_WeightedRule):
         return float(torch.linalg.matrix_norm(w, 2)) if norm == "l2" else float(w.abs().sum(0).max())
 
 
-_CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+_CONV_INPUT_GRAD = {1: nn_grad.conv1d_input, 2: nn_grad.conv2d_input, 3: nn_grad.conv3d_input}
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -232,7 +251,10 @@ class ConvRule(_WeightedRule):
     label = "Conv"
     module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+    def absorbs_channel_map(self) -> bool:
+        return True  # axis 1 of a (B, C, *spatial) output is the output channel
+
+    def check(self, gm: fx.GraphModule) -> None:
         super().check(gm)
         m = self.module
         assert isinstance(m, nn.modules.conv._ConvNd)
@@ -248,7 +270,7 @@ class ConvRule(_WeightedRule):
         return len(m.kernel_size), m.stride, pad, m.dilation, m.groups
 
     def weight_bias(self, vals: Sequence[Value]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.module.weight, self.module.bias  # type: ignore[union-attr,return-value]
+        return module_weights(self.module)
 
     def apply(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         nd, stride, pad, dil, groups = self._params()
@@ -270,7 +292,8 @@ class ConvRule(_WeightedRule):
         ones = torch.ones((1, m.shape[1], *w.shape[2:]), dtype=m.dtype, device=m.device)
         return _CONV_FN[nd](m * m, ones, None, stride, pad, dil, 1).clamp_min(0).sqrt()
 
-    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],
+                 alpha: torch.Tensor | None = None) -> BackwardResult:
         nd, stride, pad, dil, groups = self._params()
         w, b = self.weight_bias(vals)
         A, sizes = stack_A(lA, uA)
@@ -290,7 +313,8 @@ class ConvRule(_WeightedRule):
 
     def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
         nd, stride, pad, dil, groups = self._params()
-        w = self.module.weight.detach().double()  # type: ignore[union-attr]
+        w, _ = self.weight_bias(vals)
+        w = w.detach().double()
         if norm != "l2":
             return float(w.flatten(1).abs().sum(1).max())  # each output's row sum, padding only cuts it
         # conv = W_mat ∘ unfold; ||unfold x||² = Σ_p mult(p)·x_p² with mult(p) the patches that
@@ -304,7 +328,7 @@ class ConvRule(_WeightedRule):
 
 
 @register
-class BatchNormRule(Rule):
+class BatchNormRule(ChannelAffine):
     """BatchNorm as a per-channel affine map.
 
     In eval mode it uses the running statistics. In training mode the statistics of the clean
@@ -316,7 +340,7 @@ class BatchNormRule(Rule):
     module_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
     onnx2torch_names = ("OnnxBatchNorm",)
 
-    def __init__(self, *a, **k) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *a, **k) -> None:
         super().__init__(*a, **k)
         self.batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -324,9 +348,13 @@ class BatchNormRule(Rule):
     def needs_clean(self) -> bool:
         return bool(self.module is not None and self.module.training)
 
-    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+    def check(self, gm: fx.GraphModule) -> None:
         if self.pert != [0]:
             raise UnsupportedOpError(self.label, self.node.name, "statistics must not depend on the input")
+        m = self.module
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
+            # it would normalise each bound pass with the statistics of perturbed data
+            raise UnsupportedOpError(self.label, self.node.name, "no running statistics (track_running_stats=False)")
 
     def observe(self, x: torch.Tensor) -> None:
         dims = [0] + list(range(2, x.ndim))
@@ -335,19 +363,20 @@ class BatchNormRule(Rule):
     def scale_shift(self, vals: Sequence[Value]) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.module
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            w = m.weight if m.weight is not None else torch.ones_like(m.running_mean)  # type: ignore[arg-type]
-            b = m.bias if m.bias is not None else torch.zeros_like(m.running_mean)  # type: ignore[arg-type]
+            w = m.weight if m.weight is not None else torch.ones_like(m.running_mean)
+            b = m.bias if m.bias is not None else torch.zeros_like(m.running_mean)
             eps = m.eps
             if m.training and self.batch_stats is not None:
                 mean, var = self.batch_stats
             else:
+                assert m.running_mean is not None and m.running_var is not None  # refused by check()
                 mean, var = m.running_mean, m.running_var
         else:  # OnnxBatchNorm(x, weight, bias, running_mean, running_var)
             w, b, mean, var = vals[1], vals[2], vals[3], vals[4]
-            eps = m.epsilon  # type: ignore[union-attr]
-        scale = w / torch.sqrt(var + eps)  # type: ignore[operator]
-        shift = b - mean * scale  # type: ignore[operator]
-        self._shift_mag = (b.abs() + (mean * scale).abs()).detach()  # type: ignore[union-attr,operator]
+            eps = float(getattr(m, "epsilon"))  # noqa: B009 - OnnxBatchNorm's attribute
+        scale = w / torch.sqrt(var + eps)
+        shift = b - mean * scale
+        self._shift_mag = (b.abs() + (mean * scale).abs()).detach()
         return scale, shift
 
     _shift_mag: torch.Tensor | None = None
@@ -396,7 +425,8 @@ class BatchNormRule(Rule):
         tmag = self._shape(self.shift_magnitude(vals), nd)
         return Interval.from_center(itv.center * s + t, itv.radius * s.abs() + self.rounding(itv, s, t, tmag))
 
-    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],
+                 alpha: torch.Tensor | None = None) -> BackwardResult:
         scale, shift = self.scale_shift(vals)
         A, sizes = stack_A(lA, uA)
         nd = A.ndim - 1  # as a (B, C, ...) tensor
@@ -404,7 +434,7 @@ class BatchNormRule(Rule):
         nA = A * s
         bias = sum_bias(A, t)
         nl, nu = unstack_A(nA, sizes, lA, uA)
-        bl, bu = unstack_A(bias, sizes, lA, uA)  # type: ignore[arg-type]
+        bl, bu = unstack_A(bias, sizes, lA, uA)
         tmag = self._shape(self.shift_magnitude(vals), nd)
         bl_, bu_ = with_rounding(bl if bl is not None else 0.0, bu if bu is not None else 0.0, lA, uA,
                                  self.rounding(vals[0], s, t, tmag))

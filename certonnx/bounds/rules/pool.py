@@ -7,16 +7,20 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
-from certonnx.bounds.core import Interval
-from certonnx.bounds.registry import AMat, Rule, Value, register
+from certonnx.bounds.core import AMat, Interval
+from certonnx.bounds.rule import BackwardResult, Rule, Value, register
 from certonnx.bounds.rules.common import MonotoneLinearRule, window_multiplicity, with_rounding
 from certonnx.errors import UnsupportedOpError
 
 
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def _pair(v: object) -> tuple[int, int]:
+    """A pooling parameter (an int or a pair, as an fx node argument) as a pair of ints."""
+    if isinstance(v, int):
+        return v, v
+    assert isinstance(v, Sequence), f"pooling parameter {v!r}"
+    return int(v[0]), int(v[1])
 
 
 @register
@@ -40,8 +44,7 @@ class AvgPoolRule(MonotoneLinearRule):
             k = m.kernel_size
             return math.prod(k) if isinstance(k, (tuple, list)) else int(k) ** (len(ins) - 1)
         if self.node.target is F.avg_pool2d:
-            k = self.node.kwargs.get("kernel_size", self.node.args[1] if len(self.node.args) > 1 else 1)
-            return math.prod(_pair(k))  # type: ignore[arg-type]
+            return math.prod(_pair(self.node.kwargs.get("kernel_size", self.node.args[1] if len(self.node.args) > 1 else 1)))
         n_in, n_out = math.prod(ins), max(1, math.prod(out))
         if len(ins) == len(out) and len(ins) > 1:  # adaptive: per spatial axis
             return math.prod(-(-a // max(1, b)) + 1 for a, b in zip(ins[1:], out[1:]))
@@ -83,7 +86,7 @@ class MaxPoolRule(Rule):
         bad = bool(kw.get("ceil_mode", args[5] or False)) or bool(kw.get("return_indices", args[6] or False))
         return k, s, p, d, bad
 
-    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+    def check(self, gm: fx.GraphModule) -> None:
         if self.pert != [0]:
             raise UnsupportedOpError(self.label, self.node.name, "only one input")
         if self._params()[4]:
@@ -110,7 +113,8 @@ class MaxPoolRule(Rule):
         w = F.unfold(tp.reshape(N * C, 1, *tp.shape[2:]), k, dilation=d, stride=s)
         return w.reshape(N, C, k[0] * k[1], -1)
 
-    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],
+                 alpha: torch.Tensor | None = None) -> BackwardResult:
         itv: Interval = vals[0]
         k, s, p, d, _ = self._params()
         lw, uw = self._windows(itv.lower), self._windows(itv.upper)  # (B, C, kk, L)

@@ -3,16 +3,18 @@ identity, and shape queries."""
 
 from __future__ import annotations
 
+import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from certonnx.bounds.core import Interval
-from certonnx.bounds.registry import AMat, Rule, Value, register
+from certonnx.bounds.core import AMat, Interval
 from certonnx.bounds.rounding import CAST_MAX, CAST_TINY, CAST_UNIT
+from certonnx.bounds.rule import BackwardResult, Rule, Value, register
 from certonnx.bounds.rules.common import (
     MonotoneLinearRule,
     check_per_sample,
@@ -33,15 +35,15 @@ class ReshapeRule(Rule):
     """Any op that only re-views each sample's elements in the same order."""
 
     label = "Reshape"
-    module_types = (nn.Flatten, nn.Unflatten)
-    functions = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
-    method_names = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous")
-    onnx2torch_names = (
+    module_types: ClassVar[tuple[type, ...]] = (nn.Flatten, nn.Unflatten)
+    functions: ClassVar[tuple[Callable[..., Any], ...]] = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
+    method_names: ClassVar[tuple[str, ...]] = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous")
+    onnx2torch_names: ClassVar[tuple[str, ...]] = (
         "OnnxReshape", "OnnxFlatten", "OnnxSqueezeStaticAxes", "OnnxSqueezeDynamicAxes",
         "OnnxUnsqueezeStaticAxes", "OnnxUnsqueezeDynamicAxes",
     )
 
-    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+    def check(self, gm: fx.GraphModule) -> None:
         if self.pert != [0]:
             raise UnsupportedOpError(self.label, self.node.name, "shape must not depend on the input")
 
@@ -62,7 +64,8 @@ class ReshapeRule(Rule):
     def check_batch(self, vals: Sequence[Value]) -> None:
         check_per_sample(self, vals)
 
-    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],
+                 alpha: torch.Tensor | None = None) -> BackwardResult:
         shp = self.in_shapes[0]
 
         def f(A: AMat) -> AMat:
@@ -82,7 +85,7 @@ class IdentityRule(ReshapeRule):
     method_names = ("clone", "detach")
     functions = ()
 
-    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+    def check(self, gm: fx.GraphModule) -> None:
         super().check(gm)
         if isinstance(self.module, nn.Dropout) and self.module.training and self.module.p > 0:
             # dropout is random in training mode: bounds would not describe the function
@@ -95,7 +98,7 @@ _METHOD_DTYPES = {"float": torch.float32, "half": torch.float16, "bfloat16": tor
 def cast_target(node: fx.Node, gm: fx.GraphModule) -> torch.dtype | None:
     """The dtype a cast node converts to; None for a ``.to()`` that changes no dtype."""
     if node.op == "call_module":
-        return getattr(gm.get_submodule(node.target), "torch_dtype", None)  # type: ignore[arg-type]
+        return getattr(gm.get_submodule(str(node.target)), "torch_dtype", None)
     name = str(node.target)
     if name in _METHOD_DTYPES:
         return _METHOD_DTYPES[name]
@@ -121,11 +124,11 @@ class CastRule(Rule):
     onnx2torch_names = ("OnnxCast",)
     method_names = ("to", "float", "half", "bfloat16", "double")
 
-    def __init__(self, node, gm, pert) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, node, gm, pert) -> None:
         super().__init__(node, gm, pert)
         self.target = cast_target(node, gm)
 
-    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+    def check(self, gm: fx.GraphModule) -> None:
         if self.pert != [0]:
             raise UnsupportedOpError(self.label, self.node.name, "only the cast tensor may depend on the input")
         dt = self.target
@@ -146,7 +149,7 @@ class CastRule(Rule):
     @classmethod
     def _is_cast(cls, node: fx.Node, gm: fx.GraphModule) -> bool:
         if node.op == "call_module":
-            return type(gm.get_submodule(node.target)).__name__ in cls.onnx2torch_names  # type: ignore[arg-type]
+            return type(gm.get_submodule(str(node.target))).__name__ in cls.onnx2torch_names
         return node.op == "call_method" and str(node.target) in cls.method_names
 
     def rounding(self, itv: Interval) -> torch.Tensor | float:
@@ -170,7 +173,8 @@ class CastRule(Rule):
             return Interval(itv.lower, itv.upper, itv.ball)
         return itv.widen(err)
 
-    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],
+                 alpha: torch.Tensor | None = None) -> BackwardResult:
         err = self.rounding(vals[0])
         if isinstance(err, float):
             return [(lA, uA)], 0.0, 0.0
@@ -196,25 +200,23 @@ class IndexOpRule(MonotoneLinearRule):
         "OnnxExpand",
     )
 
-    def __init__(self, node, gm, pert) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, node: fx.Node, gm: fx.GraphModule, pert: list[int]) -> None:
         super().__init__(node, gm, pert)
         name = type(self.module).__name__ if self.module is not None else str(getattr(node.target, "__name__", node.target))
         for key, lab in (("ranspose", "Transpose"), ("ermute", "Transpose"), ("lice", "Slice"), ("getitem", "Slice"),
                          ("ad", "Pad"), ("ather", "Gather"), ("xpand", "Expand"), ("arrow", "Slice")):
             if key in name:
-                self.label = lab  # type: ignore[misc]
+                self.label = lab
                 break
+        # expand, gather, indexing with index lists and reflect/replicate padding repeat
+        # elements; transposes, slices and constant padding never do
+        self.may_copy = self.label in ("Expand", "Gather", "Slice", "Pad")
 
-    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+    def check(self, gm: fx.GraphModule) -> None:
         super().check(gm)
         if self.pert != [0]:
             raise UnsupportedOpError(self.label, self.node.name, "indices must not depend on the input")
 
-    @property
-    def may_copy(self) -> bool:  # type: ignore[override]
-        # expand, gather, indexing with index lists and reflect/replicate padding repeat
-        # elements; transposes, slices and constant padding never do
-        return self.label in ("Expand", "Gather", "Slice", "Pad")
 
     # lipschitz: MonotoneLinearRule's exact bound for non-negative maps (repeated indices,
     # expand and reflect padding raise the L2 constant above 1)
@@ -233,20 +235,25 @@ class ConcatRule(Rule):
     functions = (torch.cat, torch.concat)
     onnx2torch_names = ("OnnxConcat",)
 
+    def compose_lipschitz(self, vals: Sequence[Value], norm: str, ins: Sequence[float]) -> float | None:
+        # the parts are disjoint coordinates of the output: ‖Δy‖₂² = Σ‖Δpart‖₂², ‖Δy‖∞ = max
+        return math.sqrt(sum(p * p for p in ins)) if norm == "l2" else max(ins)
+
     def _dim(self) -> int:
         if self.module is not None:
-            d = int(self.module.axis)  # type: ignore[union-attr,arg-type]
+            d = int(getattr(self.module, "axis"))  # noqa: B009 - an onnx2torch attribute
         else:
-            d = int(self.node.kwargs.get("dim", self.node.args[1] if len(self.node.args) > 1 else 0))  # type: ignore[arg-type]
+            d = int(str(self.node.kwargs.get("dim", self.node.args[1] if len(self.node.args) > 1 else 0)))
         return d
 
-    def check(self, gm) -> None:  # type: ignore[no-untyped-def]
+    def check(self, gm: fx.GraphModule) -> None:
         if self._dim() == 0:
             raise UnsupportedOpError(self.label, self.node.name, "concatenation along the batch dimension")
 
     def _parts(self, vals: Sequence[Value]) -> list[Value]:
         # the tensors are all leaves except a trailing dim literal (torch.cat(xs, dim))
-        n_tensors = len(self.node.args[0]) if self.module is None else len(self.node.args)  # type: ignore[arg-type]
+        first = self.node.args[0]
+        n_tensors = len(first) if self.module is None and isinstance(first, (list, tuple)) else len(self.node.args)
         return list(vals[:n_tensors])
 
     def ibp(self, vals: Sequence[Value]) -> Interval:
@@ -278,7 +285,8 @@ class ConcatRule(Rule):
                 pieces.append(torch.zeros((B, *t.shape[1:]), dtype=errs[0].dtype, device=errs[0].device))
         return torch.cat(pieces, self._dim())
 
-    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value]):  # type: ignore[no-untyped-def]
+    def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],
+                 alpha: torch.Tensor | None = None) -> BackwardResult:
         parts = self._parts(vals)
         d = self._dim()
         d = d if d >= 0 else len(self.out_shape) + 1 + d
@@ -291,7 +299,7 @@ class ConcatRule(Rule):
             else:
                 sizes.append(torch.as_tensor(p).shape[d])
         outs: list[tuple[AMat, AMat]] = []
-        biases = [0.0, 0.0]
+        biases: list[torch.Tensor | float] = [0.0, 0.0]
         for k, A in enumerate((lA, uA)):
             if A is None:
                 continue
@@ -299,8 +307,8 @@ class ConcatRule(Rule):
             for p, piece in zip(parts, pieces):
                 if not isinstance(p, Interval):
                     c = const_for_A(torch.as_tensor(p), len(self.out_shape) + 1)
-                    biases[k] = biases[k] + sum_bias(piece, c)  # type: ignore[assignment]
-        pert_pieces = [[None, None] for _ in self.pert]
+                    biases[k] = biases[k] + sum_bias(piece, c)
+        pert_pieces: list[list[AMat]] = [[None, None] for _ in self.pert]
         for k, A in enumerate((lA, uA)):
             if A is None:
                 continue
@@ -330,7 +338,7 @@ class ShapeOfRule(Rule):
     @classmethod
     def matches(cls, node: fx.Node, gm: fx.GraphModule) -> bool:
         if node.op == "call_function":
-            return len(node.args) > 1 and node.args[1] == "shape"
+            return len(node.args) > 1 and bool(node.args[1] == "shape")
         return True
 
     def ibp(self, vals: Sequence[Value]) -> Interval:  # pragma: no cover - never perturbed

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,10 @@ from certonnx.train.methods.base import (
     robust_ce,
 )
 from certonnx.train.methods.options import MethodOptions, option
+
+if TYPE_CHECKING:
+    from certonnx.train.methods.base import ModelFn, Stats
+
 
 BOUNDS = ("ibp", "crown-ibp")
 # newer radius.py versions accept the known correctness (no extra forward pass, which in training
@@ -103,7 +107,8 @@ class ACERT(Method):
             return float(eps)
         return float(cap) * float(ctx.progress)
 
-    def loss(self, model_fn, bm, x, y, eps, norm, ctx):  # type: ignore[no-untyped-def]
+    def loss(self, model_fn: ModelFn, bm: BoundedModule | None, x: torch.Tensor, y: torch.Tensor,
+             eps: float, norm: str, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         o = self.opts(ctx)  # parsed (and so checked) at the first step, warm-up included
         method, iters, kap = o.acert_bounds, o.acert_iters, o.acert_kappa
         out = model_fn(x).flatten(1)
@@ -111,6 +116,7 @@ class ACERT(Method):
         e_max = self.eps_max(eps, norm, ctx)
         if e_max <= 0:  # warm-up: clean training (the authors' "standard" epochs)
             return clean, {"clean_acc": accuracy(out, y), "cert_acc": None, "mean_radius": 0.0}
+        assert bm is not None  # needs_bounds
         radii = adaptive_radii(bm, x, y, e_max, norm, method=method, iters=iters, domain=ctx.domain,
                                num_classes=ctx.num_classes, correct=out.detach().argmax(1) == y)
         cert = float((radii >= e_max).float().mean())

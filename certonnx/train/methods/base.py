@@ -75,6 +75,14 @@ class Method:
     eval_radius_default = False
     #: the method's options (a frozen dataclass deriving from MethodOptions); none by default
     Options: ClassVar[type[MethodOptions]] = MethodOptions
+    #: every method class defined so far, by name (filled by ``__init_subclass__``; the
+    #: package's REGISTRY decides which are offered)
+    _defined: ClassVar[dict[str, type[Method]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name != Method.name:
+            Method._defined.setdefault(cls.name, cls)
 
     @classmethod
     def parse_options(cls, options: Mapping[str, Any] | MethodOptions | None, *,
@@ -88,9 +96,7 @@ class Method:
         """
         ignore: frozenset[str] = frozenset()
         if not strict:
-            from certonnx.train.methods import REGISTRY
-
-            ignore = frozenset(k for m in REGISTRY.values() for k in m.Options.keys())
+            ignore = frozenset(k for m in Method._defined.values() for k in m.Options.keys())
         return cls.Options.from_mapping(options, method=cls.name, ignore=ignore)
 
     def opts(self, ctx: StepContext) -> Any:
@@ -169,13 +175,15 @@ def bound_margins(bm: BoundedModule, inset: InputSet, y: torch.Tensor, method: s
     if method == "ibp" and ctx.regularize:
         ibp_ctx = bm.ibp_pass(inset)
         lb, _ = bm.backward(ibp_ctx, bm.output_node, C.to(inset.x.dtype), None, stop=bm._is_stop_for_ibp)
+        assert lb is not None
         return lb, shi_regularizer(bm, ibp_ctx, inset)
     lb, _ = bm.compute(inset, C=C, method=method, upper=False)
     return lb, None
 
 
 def shi_regularizer(bm: BoundedModule, ibp_ctx: Any, inset: InputSet, tol: float = 0.5) -> torch.Tensor:
-    """Shi et al. (2021) tightness + ReLU-balance regularisers over every ReLU's input interval.
+    """Shi et al. (2021) tightness + ReLU-balance regularisers over the input interval of every
+    ReLU-like op (ReLU, LeakyReLU: the rules with a free lower slope).
 
     Tightness keeps interval widths from growing through the layers (relative to the input's);
     ReLU balance keeps active and inactive neurons balanced in mean and variance, so that IBP
@@ -187,7 +195,7 @@ def shi_regularizer(bm: BoundedModule, ibp_ctx: Any, inset: InputSet, tol: float
     loss_r = torch.zeros((), device=inset.x.device)
     cnt = 0
     for rule in bm.rules.values():
-        if getattr(rule, "label", "") != "Relu":
+        if not rule.alpha_capable:  # the ReLU-like rules: a kink at 0 whose balance matters
             continue
         itv = ibp_ctx.values.get(rule.leaves[rule.pert[0]])
         if itv is None or not hasattr(itv, "lower"):
@@ -247,4 +255,5 @@ def attack(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, eps: float | tor
         for p in req:
             p.requires_grad_(True)
         ctx.module.train(was)
+    assert isinstance(x_adv, torch.Tensor)
     return x_adv.detach()

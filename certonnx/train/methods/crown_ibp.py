@@ -4,10 +4,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from certonnx.train.methods.base import bound_margins, input_set
 from certonnx.train.methods.ibp import IBP
 from certonnx.train.methods.options import option
+
+if TYPE_CHECKING:
+    import torch
+
+    from certonnx.bounds import BoundedModule
+    from certonnx.train.methods.base import StepContext
+
 
 
 class CrownIBP(IBP):
@@ -18,7 +26,8 @@ class CrownIBP(IBP):
         beta_end: float = option(0.0, "final weight β of the CROWN-IBP bound (β goes 1 → this over the ramp)",
                                  ge=0, le=1)
 
-    def robust_lb(self, bm, x, y, eps, norm, ctx):  # type: ignore[no-untyped-def]
+    def robust_lb(self, bm: BoundedModule, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str,
+                  ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         s = input_set(x, eps, norm, ctx)
         lb_ibp, reg = bound_margins(bm, s, y, "ibp", ctx)  # the regulariser comes from the IBP pass
         end = self.opts(ctx).beta_end

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,10 @@ from certonnx.train.methods.base import (
 from certonnx.train.methods.options import MethodOptions, option
 from certonnx.train.methods.sabr import shrink_into_ball
 from certonnx.train.radii import default_norms, parse_norms_with_defaults
+
+if TYPE_CHECKING:
+    from certonnx.bounds import BoundedModule
+
 
 VARIANTS = ("joint", "max", "random")
 
@@ -164,7 +168,7 @@ class CURE(Method):
             own = getattr(self, f"cure_lambda_{norm}", None)
             return self.cure_lambda if own is None else own
 
-    def region_bounds(self, model_fn: ModelFn, bm, x: torch.Tensor, y: torch.Tensor, eps: float,  # type: ignore[no-untyped-def]
+    def region_bounds(self, model_fn: ModelFn, bm, x: torch.Tensor, y: torch.Tensor, eps: float,
                       norm: str, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(lb, reg)``: margin lower bounds (B, K-1) over the small SABR region of norm ``norm``,
         and the regulariser of that bound pass (None when the regularisers are off)."""
@@ -177,12 +181,14 @@ class CURE(Method):
             c = x
         return bound_margins(bm, InputSet(c, tau, norm=norm, domain=ctx.domain), y, self.bound_method, ctx)
 
-    def loss(self, model_fn, bm, x, y, eps, norm, ctx):  # type: ignore[no-untyped-def]
+    def loss(self, model_fn: ModelFn, bm: BoundedModule | None, x: torch.Tensor, y: torch.Tensor,
+             eps: float, norm: str, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         """Single norm: SABR with CURE's flags (used when only one norm is given)."""
         sub = StepContext(**{**ctx.__dict__, "eps": {norm: eps}})
         return self.loss_multi(model_fn, bm, x, y, sub)
 
-    def loss_multi(self, model_fn, bm, x, y, ctx):  # type: ignore[no-untyped-def]
+    def loss_multi(self, model_fn: ModelFn, bm: BoundedModule | None, x: torch.Tensor, y: torch.Tensor,
+                   ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         o = self.opts(ctx)
         variant, align_w, beta, clean_w = o.cure_variant, o.cure_align, o.cure_gp, o.cure_clean_weight
         use_gp = beta < 1.0 and torch.is_grad_enabled()

@@ -34,7 +34,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,10 @@ from certonnx.train.methods.base import (
     robust_ce,
 )
 from certonnx.train.methods.options import MethodOptionError, MethodOptions, option
+
+if TYPE_CHECKING:
+    from certonnx.train.methods.base import ModelFn
+
 
 ESTIMATORS = ("pgpe", "rgs")
 RELAXATIONS = ("ibp", "crown-ibp", "crown", "alpha-crown")
@@ -114,6 +118,7 @@ class _BoundLoss(nn.Module):
     def __init__(self, bm: BoundedModule) -> None:
         super().__init__()
         self.gm = bm.gm
+        self.bm: BoundedModule
         object.__setattr__(self, "bm", bm)  # not a submodule: its parameters are gm's
         self.cfg: dict[str, Any] = {}
 
@@ -247,7 +252,7 @@ class GLS(Method):
                   y: torch.Tensor, C: torch.Tensor, relaxation: str, chunk: int, mode: str = "auto") -> torch.Tensor:
         """Losses (P,) of the population ``members`` (``{"gm.<name>": (P, *shape)}``)."""
         P = next(iter(members.values())).shape[0]
-        bm: BoundedModule = wrapper.bm  # type: ignore[assignment]
+        bm = wrapper.bm
         ok = mode == "vmap" or (mode == "auto" and self._vmap_ok.get(relaxation, _prefer_vmap(relaxation, x.device)))
         if ok:
             try:
@@ -287,10 +292,12 @@ class GLS(Method):
                 torch.maximum(torch.minimum(s, 10 * s0), 0.1 * s0, out=s)
 
     # -- the method ----------------------------------------------------------------------------
-    def loss(self, model_fn, bm, x, y, eps, norm, ctx):  # type: ignore[no-untyped-def]
+    def loss(self, model_fn: ModelFn, bm: BoundedModule | None, x: torch.Tensor, y: torch.Tensor,
+             eps: float, norm: str, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         return self._smoothed(bm, x, y, {norm: eps}, ctx)
 
-    def loss_multi(self, model_fn, bm, x, y, ctx):  # type: ignore[no-untyped-def]
+    def loss_multi(self, model_fn: ModelFn, bm: BoundedModule | None, x: torch.Tensor, y: torch.Tensor,
+                   ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         # one population evaluation covers all norms (the loss is their mean)
         return self._smoothed(bm, x, y, dict(ctx.eps), ctx)
 
@@ -341,8 +348,8 @@ class GLS(Method):
                 if o.gls_sigma_lr > 0:
                     self._adapt_sigma(losses, noise, o.gls_sigma_lr)
             value = losses.mean()
-            s = sum((p * grads[n]).sum() for n, p in params.items())
-            smoothed = s - s.detach() + value  # type: ignore[operator]
+            s = torch.stack([(p * grads[n]).sum() for n, p in params.items()]).sum()
+            smoothed = s - s.detach() + value
         else:  # rgs
             n_draw = (P + 1) // 2 if o.gls_antithetic else P  # pairs: rounded up to even
             with torch.no_grad():
@@ -354,7 +361,7 @@ class GLS(Method):
             losses = self._evaluate(w, members, x, y, C, o.gls_relaxation, o.gls_chunk, o.gls_batched)
             smoothed = losses.mean()
         total = (1 - mix) * smoothed + mix * center_loss if mix > 0 else smoothed
-        return total, stats  # type: ignore[return-value]
+        return total, stats
 
 
 __all__ = ["DEFAULTS", "ESTIMATORS", "GLS", "GLSOptions", "RELAXATIONS", "pgpe_gradient"]

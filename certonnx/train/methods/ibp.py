@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,11 @@ from certonnx.train.methods.base import (
 )
 from certonnx.train.methods.options import MethodOptions
 
+if TYPE_CHECKING:
+    from certonnx.bounds import BoundedModule
+    from certonnx.train.methods.base import ModelFn, Stats, StepContext
+
+
 
 class IBP(Method):
     name = "ibp"
@@ -30,11 +36,13 @@ class IBP(Method):
     class Options(MethodOptions):
         kappa_end: float = kappa_end_option()
 
-    def robust_lb(self, bm, x, y, eps, norm, ctx):  # type: ignore[no-untyped-def]
+    def robust_lb(self, bm: BoundedModule, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str,
+                  ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(lb, reg)``: margin lower bounds and the regulariser of their bound pass (or None)."""
         return bound_margins(bm, input_set(x, eps, norm, ctx), y, self.bound_method, ctx)
 
-    def loss(self, model_fn, bm, x, y, eps, norm, ctx):  # type: ignore[no-untyped-def]
+    def loss(self, model_fn: ModelFn, bm: BoundedModule | None, x: torch.Tensor, y: torch.Tensor,
+             eps: float, norm: str, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         k = kappa(ctx, self.opts(ctx).kappa_end)
         if k > 0:
             out = model_fn(x).flatten(1)
@@ -42,6 +50,7 @@ class IBP(Method):
         else:  # pure robust loss: the clean pass only updates BatchNorm statistics and the accuracy
             with torch.no_grad():
                 out = model_fn(x).flatten(1)
+        assert bm is not None  # needs_bounds
         lb, reg = self.robust_lb(bm, x, y, eps, norm, ctx)
         loss = robust_ce(lb) if k <= 0 else k * clean + (1 - k) * robust_ce(lb)
         return add_regularizer(loss, reg, ctx), {"clean_acc": accuracy(out, y), "cert_acc": cert_fraction(lb)}

@@ -4,12 +4,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from certonnx.train.methods.base import Method, accuracy, attack, pgd_steps_option
 from certonnx.train.methods.options import MethodOptions
+
+if TYPE_CHECKING:
+    from certonnx.bounds import BoundedModule
+    from certonnx.train.methods.base import ModelFn, Stats, StepContext
+
 
 
 class PGD(Method):
@@ -21,7 +27,8 @@ class PGD(Method):
     class Options(MethodOptions):
         pgd_steps: int = pgd_steps_option()
 
-    def loss(self, model_fn, bm, x, y, eps, norm, ctx):  # type: ignore[no-untyped-def]
+    def loss(self, model_fn: ModelFn, bm: BoundedModule | None, x: torch.Tensor, y: torch.Tensor,
+             eps: float, norm: str, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         x_adv = attack(model_fn, x, y, eps, norm, ctx, self.opts(ctx).pgd_steps)
         with torch.no_grad():
             with_clean = model_fn(x).flatten(1)

@@ -9,6 +9,7 @@ robust CE. Smaller regions give less over-regularisation than full IBP (``--sabr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,11 @@ from certonnx.train.methods.base import (
     robust_ce,
 )
 from certonnx.train.methods.options import MethodOptions, option
+
+if TYPE_CHECKING:
+    from certonnx.bounds import BoundedModule
+    from certonnx.train.methods.base import ModelFn, Stats, StepContext
+
 
 
 def shrink_into_ball(x: torch.Tensor, x_adv: torch.Tensor, eps: float, tau: float, norm: str,
@@ -55,7 +61,8 @@ class SABR(Method):
                                     flag="--sabr-lambda", gt=0, le=1)
         pgd_steps: int = pgd_steps_option()
 
-    def loss(self, model_fn, bm, x, y, eps, norm, ctx):  # type: ignore[no-untyped-def]
+    def loss(self, model_fn: ModelFn, bm: BoundedModule | None, x: torch.Tensor, y: torch.Tensor,
+             eps: float, norm: str, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         o = self.opts(ctx)
         tau = o.sabr_lambda * eps
         with torch.no_grad():
@@ -66,6 +73,7 @@ class SABR(Method):
         else:
             c = x
         s = InputSet(c, tau, norm=norm, domain=ctx.domain)
+        assert bm is not None  # needs_bounds
         lb, reg = bound_margins(bm, s, y, self.bound_method, ctx)
         loss = robust_ce(lb)
         return add_regularizer(loss, reg, ctx), {"clean_acc": accuracy(out_clean, y), "cert_acc": cert_fraction(lb)}

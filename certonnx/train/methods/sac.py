@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,11 @@ from torch.nn.utils import parametrize
 from certonnx.errors import CertonnxError
 from certonnx.train.methods.base import Method, StepContext, accuracy
 from certonnx.train.methods.options import MethodOptions, option
+
+if TYPE_CHECKING:
+    from certonnx.bounds import BoundedModule
+    from certonnx.train.methods.base import ModelFn, Stats
+
 
 SHRINK_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -81,7 +86,7 @@ def shrink_modules(module: nn.Module) -> list[tuple[str, nn.Module, Shrink]]:
     out = []
     for name, sub in module.named_modules():
         if parametrize.is_parametrized(sub, "weight"):
-            for p in sub.parametrizations["weight"]:  # type: ignore[union-attr,index]
+            for p in sub.parametrizations["weight"]:
                 if isinstance(p, Shrink):
                     out.append((name, sub, p))
     return out
@@ -194,6 +199,7 @@ class SaC(Method):
         ``<layer>.parametrizations.weight.original`` and ``<layer>.parametrizations.weight.0.s``.
         """
         o = options if isinstance(options, self.Options) else self.parse_options(options, strict=False)
+        assert isinstance(o, SaC.Options)
         params = add_shrinkage(module, o.sac_alpha, o.sac_granularity)
         if self.opt_s is None or [id(p) for p in self.params] != [id(p) for p in params]:
             self.params = params
@@ -305,7 +311,8 @@ class SaC(Method):
         return float(l_val.detach())
 
     # -- the trainer's entry point ----------------------------------------------------------
-    def loss_multi(self, model_fn, bm, x, y, ctx):  # type: ignore[no-untyped-def]
+    def loss_multi(self, model_fn: ModelFn, bm: BoundedModule | None, x: torch.Tensor, y: torch.Tensor,
+                   ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         module = ctx.module
         o = self.opts(ctx)
         self.setup(module, o)
@@ -333,7 +340,7 @@ class SaC(Method):
             stats["shrink_mean"] = float(torch.cat([sh.factor().flatten() for _, _, sh in layers]).mean())
         return loss, stats
 
-    def _cert_fraction(self, bm, x, y, ctx: StepContext) -> float:  # type: ignore[no-untyped-def]
+    def _cert_fraction(self, bm, x, y, ctx: StepContext) -> float:
         """Fraction of the batch the sound Lipschitz certificate proves at the current ε (every norm)."""
         from certonnx.bounds.lipschitz import lipschitz_radius
 

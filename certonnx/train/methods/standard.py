@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn.functional as F
 
 from certonnx.train.methods.base import Method, accuracy
+
+if TYPE_CHECKING:
+    import torch
+
+    from certonnx.bounds import BoundedModule
+    from certonnx.train.methods.base import ModelFn, Stats, StepContext
+
 
 
 class Standard(Method):
@@ -12,10 +21,12 @@ class Standard(Method):
     certified = False
     needs_bounds = False
 
-    def loss(self, model_fn, bm, x, y, eps, norm, ctx):  # type: ignore[no-untyped-def]
+    def loss(self, model_fn: ModelFn, bm: BoundedModule | None, x: torch.Tensor, y: torch.Tensor,
+             eps: float, norm: str, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         out = model_fn(x).flatten(1)
         return F.cross_entropy(out, y), {"clean_acc": accuracy(out, y), "cert_acc": None}
 
-    def loss_multi(self, model_fn, bm, x, y, ctx):  # type: ignore[no-untyped-def]
+    def loss_multi(self, model_fn: ModelFn, bm: BoundedModule | None, x: torch.Tensor, y: torch.Tensor,
+                   ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         # no norm dependence: one clean pass, whatever the norms
         return self.loss(model_fn, bm, x, y, 0.0, "linf", ctx)
