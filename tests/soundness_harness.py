@@ -427,6 +427,21 @@ def _tanh(r: Rng) -> tuple[nn.Module, str]:
     return (nn.Tanh(), "nn.Tanh") if r.coin() else (Lambda(lambda s, x: torch.tanh(x), "tanh"), "torch.tanh")
 
 
+def _gelu(r: Rng) -> tuple[nn.Module, str]:
+    """GELU in both forms and both spellings: ONNX export writes the decomposed erf/tanh pattern
+    (opset < 20) that the loader fuses back into one node."""
+    approx = r.choice(["none", "none", "tanh"])
+    if r.coin(0.7):
+        return nn.GELU(approximate=approx), f"nn.GELU({approx!r})"
+    return Lambda(lambda s, x: F.gelu(x, approximate=approx), f"F.gelu({approx!r})"), f"F.gelu(x, {approx!r})"
+
+
+def _erf(r: Rng) -> tuple[nn.Module, str]:
+    if r.coin():
+        return Lambda(lambda s, x: torch.erf(x), "erf"), "torch.erf"
+    return Lambda(lambda s, x: torch.special.erf(x), "special.erf"), "torch.special.erf"
+
+
 def _clip(r: Rng) -> tuple[nn.Module, str]:
     """Clip in all its spellings, with limits in any order (min > max: every output is max)."""
     a, b = sorted([round(r.uniform(-2, 2), 2), round(r.uniform(-2, 2), 2)])
@@ -469,6 +484,14 @@ def b_tanh(r: Rng, shape: Shape | None) -> Block | None:
 
 def b_clip(r: Rng, shape: Shape | None) -> Block | None:
     return _act(r, shape, _clip)
+
+
+def b_gelu(r: Rng, shape: Shape | None) -> Block | None:
+    return _act(r, shape, _gelu)
+
+
+def b_erf(r: Rng, shape: Shape | None) -> Block | None:
+    return _act(r, shape, _erf)
 
 
 def _spatial(r: Rng, shape: Shape | None, nd: int, lo: int = 2, hi: int = 8) -> Shape | None:
@@ -732,9 +755,11 @@ BLOCKS: dict[str, BlockFn] = {
     "avgpool": b_avgpool, "adaptive_avgpool": b_adaptive, "maxpool": b_maxpool,
     "reshape": b_reshape, "transpose": b_transpose, "slice": b_slice, "pad": b_pad, "gather": b_gather,
     "concat": b_concat, "expand": b_expand, "cast": b_cast, "batch_mixing": b_batch_mixing,
+    "gelu": b_gelu, "erf": b_erf,
 }
-#: blocks never drawn as random extras (they make the whole case about one thing)
-_NOT_EXTRA = ("batch_mixing",)
+#: blocks never drawn as random extras (they make the whole case about one thing); gelu and erf
+#: are left out too so that adding them kept every other family's cases (seeds) unchanged
+_NOT_EXTRA = ("batch_mixing", "gelu", "erf")
 #: families built by their own generators (not single blocks)
 SPECIAL_FAMILIES = ("mixed", "float_wide", "milp", "onnx_raw")
 FAMILIES: tuple[str, ...] = (*BLOCKS, *SPECIAL_FAMILIES)

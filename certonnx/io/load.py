@@ -156,6 +156,10 @@ def convert(model: onnx.ModelProto) -> fx.GraphModule:
     """``onnx2torch.convert`` with errors mapped to UnsupportedOpError naming the node."""
     import onnx2torch
 
+    from certonnx.io import converters  # registers the contrib GELU converters
+
+    model = converters.for_onnx2torch(model)
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -19,6 +19,10 @@ Why these passes exist:
   batch). The loader's parity gate checks batch 1 and 2 afterwards.
 * ``Identity`` and ``Dropout`` (inference: identity) nodes are removed; ``Constant`` nodes become
   initializers so that their float weights can become trainable parameters.
+* GELU: opset-20 ``Gelu`` (which ``onnx.version_converter`` cannot take below 20) and the
+  erf/tanh decompositions exporters write below opset 20 become one onnxruntime contrib node
+  (``com.microsoft:Gelu`` / ``FastGelu``, converted to ``nn.GELU`` by
+  :mod:`certonnx.io.converters`), so that a GELU is bounded as one function.
 """
 
 from __future__ import annotations
@@ -145,9 +149,20 @@ def remove_dead_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 # passes
 # --------------------------------------------------------------------------------------------
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference; a model on which it fails is returned unchanged (it is only a help)."""
+    """ONNX shape inference; a model on which it fails is returned unchanged (it is only a help).
+
+    For reading shapes only: the contrib GELU nodes of :func:`fuse_gelu` are element-wise but
+    unknown to ONNX's shape inference, which would stop at the first of them, so they are
+    inferred as ``Identity`` (and come back as such in the returned model)."""
+    probe = model
+    if any(n.domain == CONTRIB_DOMAIN and n.op_type in _CONTRIB_GELU for n in model.graph.node):
+        probe = copy.deepcopy(model)
+        for n in probe.graph.node:
+            if n.domain == CONTRIB_DOMAIN and n.op_type in _CONTRIB_GELU:
+                n.domain, n.op_type = "", "Identity"
+                del n.attribute[:]
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        return onnx.shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - shape inference is best effort
         return copy.deepcopy(model)
 
@@ -283,8 +298,8 @@ def check_sizes(model: onnx.ModelProto) -> None:
         tt = vi.type.tensor_type
         if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
             continue
-        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
-        b = too_big(dims, tt.elem_type)
+        sizes = [int(d.dim_value) if d.HasField("dim_value") else 1 for d in tt.shape.dim]
+        b = too_big(sizes, tt.elem_type)
         if b is not None:
             shown = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
             raise ModelLoadError(f"value {vi.name!r} would have shape {_fmt_dims(shown)} ({b:,} bytes per sample), "
@@ -472,6 +487,247 @@ def max_zero_to_relu(model: onnx.ModelProto) -> onnx.ModelProto:
                     changed = True
                     break
     return remove_dead_nodes(m) if changed else model
+
+
+# --------------------------------------------------------------------------------------------
+# GELU: opset-20 Gelu and the exporters' decompositions become one contrib node
+# --------------------------------------------------------------------------------------------
+#: onnxruntime's contrib domain, whose ``Gelu`` (erf form) and ``FastGelu`` (tanh form) hold a
+#: fused GELU at any opset (see :mod:`certonnx.io.converters`)
+CONTRIB_DOMAIN = "com.microsoft"
+_CONTRIB_GELU = ("Gelu", "FastGelu")
+#: relative tolerance on the constants of a decomposed GELU (1/√2 or √2, 0.5, 1, √(2/π),
+#: 0.044715): 2⁻²² is four float32 ulps at most. The fused node computes GELU with the exact
+#: constants; the difference this tolerance allows is inside the error allowance of the GELU
+#: bound rule (:data:`certonnx.bounds.rounding.GELU_ERROR_REL`): with ``h ≈ ½``, ``b ≈ 1`` and the
+#: inner scale off by relative ``τ`` each, ``|h·x·(b + erf(s·x)) − gelu(x)| ≤ 1.5·τ·|x|`` (outer
+#: constants) ``+ ½|x|·erf'·|Δs·x| ≤ 0.3·τ`` (inner scale: ``max ½|x|·(2/√π)e^{−x²/2}|x|/√2 = 0.294``;
+#: tanh form, ``max ½|x|·sech²(z)·√(2/π)(|x| + 2·0.044715|x|³) = 0.274``).
+GELU_CONST_RTOL = 2.0**-22
+_GELU_CONSTS = {
+    "sqrt2": math.sqrt(2.0), "rsqrt2": math.sqrt(0.5), "half": 0.5, "one": 1.0,
+    "k_tanh": math.sqrt(2.0 / math.pi), "c_tanh": 0.044715, "three": 3.0,
+}
+
+
+def _ensure_contrib_opset(m: onnx.ModelProto) -> bool:
+    """Import the contrib domain (version 1) into ``m``; False when it is imported with another
+    version (then no contrib node is written: its converter is registered for version 1)."""
+    for o in m.opset_import:
+        if o.domain == CONTRIB_DOMAIN:
+            return int(o.version) == 1
+    m.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    return True
+
+
+def gelu_to_contrib(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Opset-20 ``Gelu`` → ``com.microsoft:Gelu`` (``approximate="none"``) or ``FastGelu``
+    (``"tanh"``): ``onnx.version_converter`` has no adapter below opset 20 (it asserts "No
+    Previous Version of Gelu exists"), and onnx2torch no converter. Same function, computed by
+    onnxruntime's own GELU kernels."""
+    if not any(n.op_type == "Gelu" and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return model
+    m = copy.deepcopy(model)
+    if not _ensure_contrib_opset(m):
+        return model
+    for n in m.graph.node:
+        if n.op_type != "Gelu" or n.domain not in ("", "ai.onnx"):
+            continue
+        approx = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "approximate"), b"none")
+        approx = approx.decode() if isinstance(approx, bytes) else str(approx)
+        if approx not in ("none", "tanh"):
+            raise ModelLoadError(f"Gelu node {n.name or n.output[0]!r} has approximate={approx!r} "
+                                 "(ONNX defines 'none' and 'tanh')")
+        n.op_type = "FastGelu" if approx == "tanh" else "Gelu"
+        n.domain = CONTRIB_DOMAIN
+        del n.attribute[:]
+    return m
+
+
+class _Graph:
+    """Producers, consumers and scalar constants of a model, for pattern matching."""
+
+    def __init__(self, m: onnx.ModelProto) -> None:
+        self.prod = _producers(m)
+        self.cons = _consumers(m)
+        self.inits = _initializers(m)
+        self.outputs = {o.name for o in m.graph.output}
+
+    def const(self, name: str, key: str) -> bool:
+        """``name`` is a float32 scalar initializer within :data:`GELU_CONST_RTOL` of the
+        constant ``key``. Rank ≤ 1 only, so it cannot broadcast the other operand to more axes."""
+        t = self.inits.get(name)
+        if t is None or t.data_type != TensorProto.FLOAT:
+            return False
+        a = numpy_helper.to_array(t)
+        if a.size != 1 or a.ndim > 1:
+            return False
+        want = _GELU_CONSTS[key]
+        return abs(float(a.reshape(-1)[0]) - want) <= GELU_CONST_RTOL * want
+
+    def sole_use(self, name: str) -> onnx.NodeProto | None:
+        """The one node that reads ``name`` (None: several readers, or a graph output)."""
+        users = self.cons.get(name, [])
+        if name in self.outputs or len(users) != 1 or list(users[0][0].input).count(name) != 1:
+            return None
+        return users[0][0]
+
+    def node(self, name: str, op: str) -> onnx.NodeProto | None:
+        n = self.prod.get(name)
+        if n is None or n.op_type != op or n.domain not in ("", "ai.onnx") or len(n.input) != 2 or len(n.output) != 1:
+            return None
+        return n
+
+    def other(self, n: onnx.NodeProto, name: str) -> str:
+        """The operand of the binary node ``n`` that is not ``name``."""
+        return n.input[1] if n.input[0] == name else n.input[0]
+
+    def scaled(self, name: str, op: str, key: str) -> tuple[str, onnx.NodeProto] | None:
+        """``name = op(x, c)`` (or ``op(c, x)`` for Mul/Add) with ``c`` the constant ``key``:
+        ``(x, node)``."""
+        n = self.node(name, op)
+        if n is None:
+            return None
+        a, b = n.input
+        if self.const(b, key) and not self.const(a, key):
+            return a, n
+        if op in ("Mul", "Add") and self.const(a, key):
+            return b, n
+        return None
+
+
+def _gelu_product(g: _Graph, a: str, x: str) -> tuple[str, list[onnx.NodeProto]] | None:
+    """``a`` (= 1 + erf(·) or 1 + tanh(·)) times ``x`` times 0.5, in any order and association:
+    ``(x·a)·½``, ``(a·x)·½``, ``(a·½)·x``, ``(x·½)·a``, ``x·(a·½)``, ... Returns the product's
+    output and its Mul nodes; None when the pattern is not there."""
+    m1 = g.sole_use(a)
+    if m1 is None or m1.op_type != "Mul" or m1.domain not in ("", "ai.onnx") or len(m1.input) != 2:
+        return None
+    o = g.other(m1, a)
+    p = m1.output[0]
+    if o == x or g.const(o, "half"):  # (a·x)·½ or (a·½)·x: one more Mul by the missing factor
+        m2 = g.sole_use(p)
+        if m2 is None or m2.op_type != "Mul" or m2.domain not in ("", "ai.onnx") or len(m2.input) != 2:
+            return None
+        rest = g.other(m2, p)
+        ok = g.const(rest, "half") if o == x else rest == x
+        return (m2.output[0], [m1, m2]) if ok else None
+    mh = g.node(o, "Mul")  # a·(x·½)
+    if mh is not None and g.sole_use(o) is m1:
+        s = g.scaled(o, "Mul", "half")
+        if s is not None and s[0] == x:
+            return p, [mh, m1]
+    return None
+
+
+def _match_erf_gelu(g: _Graph, erf: onnx.NodeProto) -> tuple[str, str, list[onnx.NodeProto]] | None:
+    """``x·½·(1 + erf(x/√2))`` (``x/√2`` also as ``x·(1/√2)``) ending at ``erf``'s consumers:
+    ``(x, output, nodes)``."""
+    t = erf.input[0]
+    if g.sole_use(t) is not erf:
+        return None
+    s = g.scaled(t, "Div", "sqrt2") or g.scaled(t, "Mul", "rsqrt2")
+    if s is None:
+        return None
+    x, scale = s
+    add = g.sole_use(erf.output[0])
+    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+        return None
+    if not g.const(g.other(add, erf.output[0]), "one"):
+        return None
+    prod = _gelu_product(g, add.output[0], x)
+    return None if prod is None else (x, prod[0], [scale, erf, add, *prod[1]])
+
+
+def _match_cube(g: _Graph, name: str) -> tuple[str, list[onnx.NodeProto]] | None:
+    """``name = x³`` as ``Pow(x, 3)``, ``x·(x·x)`` or ``(x·x)·x``: ``(x, nodes)``."""
+    n = g.prod.get(name)
+    if n is None or n.domain not in ("", "ai.onnx") or len(n.input) != 2:
+        return None
+    if n.op_type == "Pow" and g.const(n.input[1], "three"):
+        return n.input[0], [n]
+    if n.op_type != "Mul":
+        return None
+    for x, sq in ((n.input[0], n.input[1]), (n.input[1], n.input[0])):
+        q = g.node(sq, "Mul")
+        if q is not None and list(q.input) == [x, x] and g.sole_use(sq) is n:
+            return x, [q, n]
+    return None
+
+
+def _match_tanh_gelu(g: _Graph, tanh: onnx.NodeProto) -> tuple[str, str, list[onnx.NodeProto]] | None:
+    """``x·½·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`` ending at ``tanh``'s consumers."""
+    zname = tanh.input[0]
+    if g.sole_use(zname) is not tanh:
+        return None
+    s = g.scaled(zname, "Mul", "k_tanh")
+    if s is None or g.sole_use(s[0]) is not s[1]:
+        return None
+    inner, kmul = s
+    add = g.node(inner, "Add")
+    if add is None:
+        return None
+    for x, mname in ((add.input[0], add.input[1]), (add.input[1], add.input[0])):
+        c = g.scaled(mname, "Mul", "c_tanh")
+        if c is None or g.sole_use(mname) is not add or g.sole_use(c[0]) is not c[1]:
+            continue
+        cube = _match_cube(g, c[0])
+        if cube is None or cube[0] != x:
+            continue
+        one = g.sole_use(tanh.output[0])
+        if one is None or one.op_type != "Add" or one.domain not in ("", "ai.onnx") or len(one.input) != 2:
+            return None
+        if not g.const(g.other(one, tanh.output[0]), "one"):
+            return None
+        prod = _gelu_product(g, one.output[0], x)
+        if prod is None:
+            return None
+        return x, prod[0], [*cube[1], c[1], add, kmul, tanh, one, *prod[1]]
+    return None
+
+
+def fuse_gelu(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fuse the decomposed GELUs that exporters write below opset 20 into one contrib node:
+
+    * erf form (``torch.nn.GELU()``): ``x·½·(1 + erf(x/√2))``, → ``com.microsoft:Gelu``;
+    * tanh form (``GELU(approximate="tanh")``): ``x·½·(1 + tanh(√(2/π)·(x + 0.044715·x³)))``,
+      with ``x³`` as ``Pow(x, 3)`` or two Muls, → ``com.microsoft:FastGelu``.
+
+    The three factors of the outer product may come in any order and association, the scaling
+    of ``x`` as a Div by √2 or a Mul by 1/√2, constants in either operand slot and within
+    :data:`GELU_CONST_RTOL`. Every intermediate value must feed only the next node of the
+    pattern (and not be a graph output). Why: unfused, the bound engine sees ``x · (1 + erf(…))``,
+    a product of two input-dependent tensors, which no bound rule accepts (and bounding it as
+    such would lose the correlation); fused, GELU is bounded as one function."""
+    if not any(n.op_type in ("Erf", "Tanh") for n in model.graph.node):
+        return model
+    m = copy.deepcopy(model)
+    g = _Graph(m)
+    fused: list[tuple[str, str, str, list[onnx.NodeProto]]] = []
+    taken: set[int] = set()
+    for n in m.graph.node:
+        if n.domain not in ("", "ai.onnx") or len(n.input) != 1 or len(n.output) != 1:
+            continue
+        hit = (_match_erf_gelu(g, n) if n.op_type == "Erf" else
+               _match_tanh_gelu(g, n) if n.op_type == "Tanh" else None)
+        if hit is None or any(id(k) in taken for k in hit[2]):
+            continue
+        taken.update(id(k) for k in hit[2])
+        fused.append(("Gelu" if n.op_type == "Erf" else "FastGelu", *hit))
+    if not fused or not _ensure_contrib_opset(m):
+        return model
+    last = {id(nodes[-1]): (op, x, out) for op, x, out, nodes in fused}
+    keep: list[onnx.NodeProto] = []
+    for n in m.graph.node:
+        if id(n) in last:
+            op, x, out = last[id(n)]
+            # at the position of the pattern's last node: x is computed before, out read after
+            keep.append(helper.make_node(op, [x], [out], name=f"{n.name or out}__gelu", domain=CONTRIB_DOMAIN))
+        elif id(n) not in taken:
+            keep.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    return remove_dead_nodes(m)
 
 
 def select_float_output(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -682,6 +938,7 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------
 PASSES: list[tuple[str, Callable[[onnx.ModelProto], onnx.ModelProto]]] = [
     ("remove initializer inputs", remove_initializer_inputs),
+    ("Gelu to contrib Gelu", gelu_to_contrib),
     ("convert opset", convert_opset),
     ("constants to initializers", constants_to_initializers),
     ("select float output", select_float_output),
@@ -689,6 +946,7 @@ PASSES: list[tuple[str, Callable[[onnx.ModelProto], onnx.ModelProto]]] = [
     ("Reshape allowzero", fix_reshape_allowzero),
     ("Gemm bias to 1-D", normalize_gemm_bias),
     ("Max(x, 0) to Relu", max_zero_to_relu),
+    ("fuse GELU", fuse_gelu),
 ]
 
 

@@ -1,3 +1,3 @@
 """Bound rules, one module per op family. Importing this package registers them all."""
 
-from certonnx.bounds.rules import activation, arith, linear, pool, shape  # noqa: F401
+from certonnx.bounds.rules import activation, arith, gelu, linear, pool, shape  # noqa: F401
