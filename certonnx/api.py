@@ -179,10 +179,11 @@ def certified_radii(cm: CertModel, x: torch.Tensor, y: torch.Tensor, eps_max: Ma
         if method == "lipschitz":
             from certonnx.certify.lipschitz_cert import lipschitz_radii
 
-            r = lipschitz_radii(bm, x, y, norm, batch_size=batch_size, device=dev).clamp(max=e)
+            r = lipschitz_radii(bm, x, y, norm, batch_size=batch_size, device=dev, head=cm.head,
+                                domain=cm.domain).clamp(max=e)
         else:
-            r = certified_radius(bm, x.to(dev), y.to(dev), norm, e, method, domain=tuple(cm.domain),
-                                 batch_size=batch_size, num_classes=cm.num_classes).cpu()
+            r = certified_radius(bm, x.to(dev), y.to(dev), norm, e, method, domain=(float(cm.domain[0]), float(cm.domain[1])),
+                                 batch_size=batch_size, num_classes=cm.num_classes, head=cm.head).cpu()
         out[norm] = {"eps_max": e, **radius_summary(r, e, correct=correct)}
     return out
 
@@ -230,6 +231,12 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
     for msg in (info.get("warning"), note):
         if msg:
             say(f"note: {msg}")
+    from certonnx.io.normalization import normalization_hint
+
+    # a model trained on normalized input, certified on raw pixels, gives meaningless numbers
+    hint = normalization_hint(cm, x, y)
+    if hint is not None:
+        say(f"note: {hint['message']}")
     if method == "lipschitz":
         # margin / (Lipschitz constant): cheap and sound, usually loose except for Lipschitz-trained models
         from certonnx.certify.lipschitz_cert import certify_lipschitz
@@ -246,6 +253,7 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
                    "layout": info["layout"],
                    "scale": info["scale"], **({"reshaped": note} if note else {})}
     res["model"] = model
+    res["normalization_hint"] = hint
     if radius:
         res["radius"] = {"method": radius_method(method),
                          **certified_radii(cm, x, y, eps_max_d, method, batch_size=batch_size, device=dev)}
@@ -543,7 +551,7 @@ def _train(plan: _FinetunePlan, cm: CertModel, x: torch.Tensor, y: torch.Tensor,
         norms=dict(norms), method=plan.method, epochs=epochs, batch_size=batch_size, lr=plan.lr, optimizer=optimizer,
         weight_decay=weight_decay, lr_schedule=lr_schedule, lr_milestones=lr_milestones, lr_decay=lr_decay,
         warmup_epochs=plan.warmup, ramp_epochs=plan.ramp, eps_schedule=eps_schedule, grad_clip=grad_clip, seed=seed,
-        regularize=plan.regularize, options=plan.options.to_dict(), domain=tuple(cm.domain),
+        regularize=plan.regularize, options=plan.options.to_dict(), domain=(float(cm.domain[0]), float(cm.domain[1])),
         num_classes=num_classes, checkpoint_dir=str(plan.ckdir),
         log_json=plan.log_json, device=str(dev),
     )

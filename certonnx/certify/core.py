@@ -3,6 +3,8 @@
 Per norm and sample the status is one of
 
 * ``verified``: sound bounds prove every margin positive on the whole set (ball ∩ domain);
+  for a model whose final softmax was set aside at import, above the threshold that covers
+  the softmax's float rounding (:mod:`certonnx.certify.head`);
 * ``falsified``: a point of the set is misclassified (PGD or the clean point itself), and
   onnxruntime on the ORIGINAL file agrees;
 * ``unknown``: neither (including PGD hits that onnxruntime does not confirm, counted in
@@ -72,7 +74,7 @@ def prepare_model(model: Any, x: torch.Tensor, device: str | torch.device
     was_training = module.training
     module.eval()
     module.to(dev)
-    return dev, module, sample_shape, domain, was_training  # type: ignore[return-value]
+    return dev, module, sample_shape, domain, was_training
 
 
 def certify_dataset(
@@ -116,6 +118,8 @@ def certify_dataset(
     n = int(x.shape[0])
     gen = torch.Generator().manual_seed(seed)
     bm = BoundedModule(module, sample_shape)
+    # a final softmax set aside at import: margins must also survive its float rounding
+    head = getattr(model, "head", None)
 
     checker: Callable[[np.ndarray], np.ndarray]
     if onnx_path is not None:
@@ -160,6 +164,7 @@ def certify_dataset(
                         idx = torch.nonzero(cb).flatten()
                         adv = pgd_attack(module, xb[idx], yb[idx], eps, norm, domain, steps=pgd_steps,
                                          restarts=pgd_restarts, generator=gen)
+                        assert isinstance(adv, torch.Tensor)  # return_loss=False
                         with torch.no_grad():
                             hit = module(adv).flatten(1).argmax(1) != yb[idx]
                         b_sl = broken[sl].clone()
@@ -178,7 +183,7 @@ def certify_dataset(
                             break
                         idx = torch.nonzero(todo).flatten()
                         ok, used = _bound_verified(bm, xb[idx.to(dev)], yb[idx.to(dev)], eps, norm, domain, K,
-                                                   meth, max_memory, alpha_steps, mem_warnings)
+                                                   meth, max_memory, alpha_steps, mem_warnings, head=head)
                         v_sl = verified[sl].clone()
                         newly = ok.cpu() & ~v_sl[idx]
                         counts[meth] += int(newly.sum())
@@ -230,6 +235,7 @@ def certify_dataset(
         "epsilon": {k: float(e) for k, e in norms.items()},
         "input_space": _input_space(model),
         "method": method,
+        "head": head.describe() if head is not None else None,
         "seconds": round(time.monotonic() - t0, 3),
         "per_method": {k: v["counts"] for k, v in per_norm.items()},
         "status_counts": {
@@ -309,8 +315,12 @@ def _bound_verified(
     max_memory: int | None,
     alpha_steps: int,
     warn_log: list[str],
+    *,
+    head: Any = None,
 ) -> tuple[torch.Tensor, str]:
-    """Verified mask for one batch; falls back to cheaper methods (warning) over the budget."""
+    """Verified mask for one batch; falls back to cheaper methods (warning) over the budget.
+    With a softmax ``head`` the margins must exceed its rounding threshold
+    (:func:`certonnx.certify.head.margins_certify`)."""
     used = method
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -320,10 +330,12 @@ def _bound_verified(
             lb, _ = bm.compute(s, C=C, method=method, upper=False, alpha_steps=alpha_steps, max_memory=max_memory)
     for w in caught:
         warn_log.append(str(w.message))
-    return lb.detach().amin(1) > 0, used
+    from certonnx.certify.head import margins_certify
+
+    return margins_certify(bm, lb.detach().amin(1), x, eps, norm, domain, head), used
 
 
-def _progress(progress: bool | Callable[[int], None], total: int):  # type: ignore[no-untyped-def]
+def _progress(progress: bool | Callable[[int], None], total: int):
     if callable(progress):
         return None, progress
     if not progress:

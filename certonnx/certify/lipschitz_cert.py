@@ -29,13 +29,40 @@ from certonnx.certify.core import SoundnessError, _input_space, prepare_model
 
 
 def lipschitz_radii(bm: BoundedModule, x: torch.Tensor, y: torch.Tensor, norm: str, batch_size: int = 256,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """Per-sample certified radius ``(N,)`` for ``norm`` (0 where the prediction is wrong)."""
+                    device: torch.device | str = "cpu", *, head: Any = None,
+                    domain: tuple[float, float] | None = None) -> torch.Tensor:
+    """Per-sample certified radius ``(N,)`` for ``norm`` (0 where the prediction is wrong).
+
+    With a softmax ``head`` set aside at import, the radius within which every margin stays
+    above the head's rounding threshold ``T`` (:mod:`certonnx.certify.head`): within distance
+    ``ρ ≤ r`` of the point each margin is at least ``L_j·(r_j − ρ) ≥ L_min·(r − ρ)`` (``r_j``
+    the radius of margin ``j``, ``r = min r_j``), so ``r − T / L_min`` keeps it above ``T``,
+    with ``T`` sized by the logits' bound over the ball of radius ``r`` (∩ ``domain``).
+    """
     out = []
     for i in range(0, x.shape[0], batch_size):
-        r = lipschitz_radius(bm, x[i:i + batch_size].to(device), y[i:i + batch_size].to(device), norm)
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        r = lipschitz_radius(bm, xb, yb, norm)
+        if head is not None:
+            r = _head_radius(bm, xb, yb, r, norm, domain)
         out.append(r.detach().cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def _head_radius(bm: BoundedModule, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, norm: str,
+                 domain: tuple[float, float] | None) -> torch.Tensor:
+    """``max(r − T / L_min, 0)``, see :func:`lipschitz_radii`."""
+    from certonnx.bounds import InputSet
+    from certonnx.bounds.lipschitz import lipschitz_margin_constants
+    from certonnx.certify.head import logit_magnitude, margin_threshold
+
+    with torch.no_grad():
+        K = int(bm.gm(x[:1]).flatten(1).shape[1])
+        Lm = lipschitz_margin_constants(bm, y, K, norm).to(r.dtype).clamp_min(1e-12)
+        other = torch.arange(K, device=y.device)[None, :] != y[:, None]
+        l_min = torch.where(other, Lm, torch.full_like(Lm, float("inf"))).amin(1)
+        mag = logit_magnitude(bm, InputSet(x, r, norm=norm, domain=domain)).to(r.dtype)
+        return (r - margin_threshold(mag) / l_min).clamp(min=0.0)
 
 
 def certify_lipschitz(
@@ -65,6 +92,7 @@ def certify_lipschitz(
     t0 = time.monotonic()
     dev, module, sample_shape, domain, was_training = prepare_model(model, x, device)
     n = int(x.shape[0])
+    head = getattr(model, "head", None)
     gen = torch.Generator().manual_seed(seed)
     req = [p for p in module.parameters() if p.requires_grad]
     for p in req:
@@ -87,7 +115,7 @@ def certify_lipschitz(
         points: dict[str, torch.Tensor] = {}
         radii: dict[str, torch.Tensor] = {}
         for norm, eps in norms.items():
-            r = lipschitz_radii(bm, x, y, norm, batch_size, dev) if n else torch.zeros(0)
+            r = lipschitz_radii(bm, x, y, norm, batch_size, dev, head=head, domain=domain) if n else torch.zeros(0)
             r = torch.where(correct, r, torch.zeros_like(r))
             radii[norm] = r
             ver = correct & (r > eps)
@@ -99,6 +127,7 @@ def certify_lipschitz(
                     j = idx[i:i + batch_size]
                     adv = pgd_attack(module, x[j].to(dev), y[j].to(dev), eps, norm, domain, steps=pgd_steps,
                                      restarts=pgd_restarts, generator=gen)
+                    assert isinstance(adv, torch.Tensor)  # return_loss=False
                     with torch.no_grad():
                         brk[j] = (module(adv).flatten(1).argmax(1) != y[j].to(dev)).cpu()
                     pts[j] = adv.cpu()
@@ -124,6 +153,7 @@ def certify_lipschitz(
         "epsilon": {k: float(e) for k, e in norms.items()},
         "input_space": _input_space(model),
         "method": "lipschitz",
+        "head": head.describe() if head is not None else None,
         "seconds": round(time.monotonic() - t0, 3),
         "mean_certified_radius": {k: float(r.double().mean()) if n else 0.0 for k, r in radii.items()},
         "pgd": {"steps": pgd_steps, "restarts": pgd_restarts, "seed": seed},

@@ -19,7 +19,8 @@ class OrtRunner:
     """Runs the original ONNX file on batches of raw inputs ``(N, *sample_shape)``.
 
     ``mean``/``std`` (user-declared normalization, not inside the file) are applied before the
-    file is run, because the file itself expects normalized inputs.
+    file is run, because the file itself expects normalized inputs; per channel of input axis
+    ``axis`` (1 when None; the last one of a channels-last input).
     """
 
     def __init__(
@@ -27,6 +28,7 @@ class OrtRunner:
         path: str | os.PathLike[str],
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        axis: int | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -45,6 +47,7 @@ class OrtRunner:
         self.fixed_batch = int(b0) if isinstance(b0, int) and b0 > 0 else 0
         self.mean = None if mean is None else np.asarray(mean, dtype=np.float32)
         self.std = None if std is None else np.asarray(std, dtype=np.float32)
+        self.axis = 1 if axis is None else int(axis)
 
     @classmethod
     def for_model(cls, path: str | os.PathLike[str], model: object) -> OrtRunner:
@@ -52,7 +55,7 @@ class OrtRunner:
         not inside the file, i.e. prepended by ``--mean/--std``) the way the torch model does."""
         norm = getattr(model, "normalization", None)
         if norm is not None and not norm.inside:
-            return cls(path, norm.mean, norm.std)
+            return cls(path, norm.mean, norm.std, axis=norm.axis)
         return cls(path)
 
     @property
@@ -62,8 +65,9 @@ class OrtRunner:
         return None if any(d is None for d in dims) else tuple(dims)  # type: ignore[arg-type]
 
     def _prep(self, x: np.ndarray) -> np.ndarray:
-        """float32 in the file's input shape, normalized per channel (axis 1 of that shape, as
-        :func:`~certonnx.io.normalization.prepend_normalization` does in the torch model)."""
+        """float32 in the file's input shape, normalized per channel (axis 1 of that shape, or
+        the axis :func:`~certonnx.io.normalization.prepend_normalization` chose for a
+        channels-last input, as it does in the torch model)."""
         x = np.asarray(x, dtype=np.float32)
         dims = self.sample_dims
         if dims is not None and tuple(x.shape[1:]) != dims:
@@ -75,7 +79,8 @@ class OrtRunner:
                                 f"{self.input_name!r} of shape {list(dims)} without reordering values")
             x = x.reshape(x.shape[0], *dims)  # flat rows (VNN-LIB) or unit axes: same element order
         if self.mean is not None and self.std is not None:
-            shape = (1, -1) + (1,) * (x.ndim - 2)
+            shape = [1] * x.ndim
+            shape[min(self.axis, x.ndim - 1)] = -1
             x = (x - self.mean.reshape(shape)) / self.std.reshape(shape)
         return x.astype(np.float32)
 

@@ -19,11 +19,13 @@ from certonnx.bounds import InputSet, margin_matrix
 
 
 def _verified(bm: Any, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, norm: str, method: str,
-              domain: tuple[float, float], K: int) -> torch.Tensor:
+              domain: tuple[float, float], K: int, head: Any = None) -> torch.Tensor:
+    from certonnx.certify.head import margins_certify
+
     s = InputSet(x, eps, norm=norm, domain=domain)
     with torch.no_grad():
         lb, _ = bm.compute(s, C=margin_matrix(y, K), method=method, upper=False)
-    return lb.detach().amin(1) > 0
+    return margins_certify(bm, lb.detach().amin(1), x, eps, norm, domain, head)
 
 
 def certified_radius(
@@ -39,12 +41,15 @@ def certified_radius(
     batch_size: int = 256,
     num_classes: int | None = None,
     correct: torch.Tensor | None = None,
+    head: Any = None,
 ) -> torch.Tensor:
     """Per-sample certified radius ``(N,)`` (on the device of ``x``) by bisection on ``[0, eps_max]``.
 
     ``method="auto"`` uses CROWN. Resolution is ``eps_max / 2**iters``. ``correct`` (N,) bool:
     which samples the model classifies correctly, when the caller already knows (training:
     from the clean logits, sparing a forward pass that would update BatchNorm statistics).
+    ``head``: the model's softmax set aside at import; margins must then exceed its rounding
+    threshold (:mod:`certonnx.certify.head`).
     """
     if method == "auto":
         method = "crown"
@@ -62,7 +67,7 @@ def certified_radius(
         lo = torch.zeros(B, dtype=xb.dtype, device=xb.device)
         hi = torch.full((B,), float(eps_max), dtype=xb.dtype, device=xb.device)
         # samples verified at eps_max are done at once
-        top = _verified(bm, xb, yb, hi, norm, method, domain, K) & ok_b
+        top = _verified(bm, xb, yb, hi, norm, method, domain, K, head) & ok_b
         lo = torch.where(top, hi, lo)
         active = ok_b & ~top
         for _ in range(iters):
@@ -70,7 +75,7 @@ def certified_radius(
                 break
             idx = torch.nonzero(active).flatten()
             mid = (lo[idx] + hi[idx]) / 2
-            ok = _verified(bm, xb[idx], yb[idx], mid, norm, method, domain, K)
+            ok = _verified(bm, xb[idx], yb[idx], mid, norm, method, domain, K, head)
             lo[idx] = torch.where(ok, mid, lo[idx])
             hi[idx] = torch.where(ok, hi[idx], mid)
         out[start:start + B] = torch.where(ok_b, lo, torch.zeros_like(lo))

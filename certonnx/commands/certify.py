@@ -122,6 +122,9 @@ def _table(console: Any, res: dict[str, Any], model: str) -> None:
         t.add_row("all at once", "", "", "", f"{res['union_certified_accuracy']:.2%}", "")
     console.print(t)
     console.print(f"ε is measured in {res['input_space']['description']}.")
+    if res.get("head"):
+        console.print(f"head: {res['head']}; a sample counts as certified only when its logit margin also "
+                      "survives the head's float32 rounding.")
     dis = sum(res["ort_disagreements"].values())
     if dis:
         console.print(f"[yellow]{dis} PGD counterexample(s) not confirmed by onnxruntime: counted as unknown.[/]")

@@ -25,7 +25,7 @@ def _support(model: Any) -> tuple[dict[str, dict[str, bool | None]] | None, dict
 
     Per ONNX op the value is ``{method: bool}``, ``"constant"`` (its nodes do not depend on the
     input, nothing to bound), ``"removed"`` (folded or removed at import) or ``None`` (unknown:
-    the bound registry is not available).
+    the bound registry is not available), ``"head"`` (the final softmax, set aside at import).
     """
     try:
         from certonnx.bounds.registry import METHODS, node_label, support_table
@@ -57,6 +57,9 @@ def _support(model: Any) -> tuple[dict[str, dict[str, bool | None]] | None, dict
         else:
             for m in METHODS:
                 cur[m] = bool(cur.get(m)) and bool(row.get(m))
+    if model.head is not None:
+        # set aside at import (certified on the logits before it), unless the op also occurs inside
+        per_op.setdefault(model.head.op, "head")
     for op in model.onnx_ops:
         per_op.setdefault(op, "removed")
     return table, per_op, tuple(METHODS)
@@ -122,6 +125,7 @@ def collect(path: str, *, parity: bool = True) -> dict[str, Any]:
         },
         "parameters": n_params,
         "normalization": model.normalization.to_dict() if model.normalization else None,
+        "head": model.head.describe() if model.head is not None else None,
         "input_space": space,
         "eps_meaning": eps_meaning,
         "parity_max_abs_diff": model.parity_max_abs_diff,
@@ -144,6 +148,8 @@ def _cell(row: Any, m: str) -> str:
         return "[dim]const[/dim]"
     if row == "removed":
         return "[dim]import[/dim]"
+    if row == "head":
+        return "[dim]head[/dim]"
     return "[green]yes[/green]" if row.get(m) else "[red]no[/red]"
 
 
@@ -166,8 +172,11 @@ def render(info: dict[str, Any]) -> None:
               f"({info['imported']['num_classes']} classes), batch dynamic")
     t.add_row("parameters", f"{info['parameters']:,}")
     norm = info["normalization"]
+    along = f" per channel of input axis {norm['axis']}" if norm is not None and norm.get("axis") is not None else ""
     t.add_row("normalization", "none found in the graph" if norm is None else
-              f"(x - {norm['mean']}) / {norm['std']} inside the model")
+              f"(x - {norm['mean']}) / {norm['std']}{along} inside the model")
+    if info.get("head"):
+        t.add_row("head", info["head"])
     t.add_row("ε means", info["eps_meaning"])
     d = info["parity_max_abs_diff"]
     t.add_row("parity vs onnxruntime", "not checked" if d is None else f"max abs diff {d:.2e} (ok)")
@@ -186,7 +195,7 @@ def render(info: dict[str, Any]) -> None:
         ops.add_row(row["op"], str(row["count"]), *[_cell(row["support"], m) for m in info["methods"]])
     con.print(ops)
     con.print("[dim]const: no input dependence, nothing to bound; import: folded or removed when importing; "
-              "?: bound registry unavailable[/dim]")
+              "head: the final softmax, certified on the logits before it; ?: bound registry unavailable[/dim]")
     if info["unsupported"]:
         con.print(f"[red]unsupported by every bound method:[/red] {', '.join(info['unsupported'])}")
 

@@ -45,7 +45,8 @@ def run_verify(
 
     t0 = time.monotonic()
     prop = parse_vnnlib_file(prop_path)
-    model = certonnx.load(model_path)
+    # VNN-LIB constraints speak of the file's output values: a softmax head stays in the graph
+    model = certonnx.load(model_path, strip_head=False)
     left = max(timeout - (time.monotonic() - t0), 0.1)
     st = VerifyStats()
     result, cex = verify(model, prop, left, model_path, method=method, seed=seed, stats=st)

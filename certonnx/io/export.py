@@ -4,7 +4,8 @@ We use the TorchScript exporter (``dynamo=False``): on onnx2torch graphs it is t
 one (custom modules such as ``OnnxReshape`` carry their own ONNX export) and it writes opset 17
 that every runtime reads. The exported bytes are checked with onnxruntime against the torch
 module before anything touches the disk, so a certificate is never attached to a file that
-computes something else.
+computes something else. A softmax head set aside at import (:mod:`certonnx.io.head`) is
+written back after the logits: the file ends in the user's ``Softmax``/``LogSoftmax`` again.
 """
 
 from __future__ import annotations
@@ -15,16 +16,16 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from certonnx import __version__
+from certonnx._version import __version__
 from certonnx.errors import CertonnxError, ExportError, ModelLoadError, ParityError
-from certonnx.graph.model import CertModel
+from certonnx.graph.model import CertModel, Head
 from certonnx.io.metadata import (
     KEY_CERTIFICATE,
     KEY_VERSION,
@@ -56,6 +57,18 @@ def plain_module(module: nn.Module) -> nn.Module:
     return m
 
 
+class _WithHead(nn.Module):
+    """The module followed by the model's softmax head: what the exported file computes."""
+
+    def __init__(self, inner: nn.Module, head: Head) -> None:
+        super().__init__()
+        self.inner = inner
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.apply(self.inner(x))
+
+
 def to_onnx_bytes(model: CertModel, opset: int = 17) -> bytes:
     """TorchScript export with a dynamic batch and the source's input/output names."""
     module = plain_module(model.module).cpu().eval()
@@ -67,6 +80,11 @@ def to_onnx_bytes(model: CertModel, opset: int = 17) -> bytes:
     buf = io.BytesIO()
     in_name = model.input_name or "input"
     out_name = model.output_name or "output"
+    if model.head is not None:
+        # the module's output is the logits; the file's output name goes to the head's last node
+        out_name = model.head.logits_name
+        if out_name in (model.head.output_name, in_name):
+            out_name = model.head.output_name + "_logits"
     if out_name == in_name:
         out_name = out_name + "_out"
     try:
@@ -75,7 +93,7 @@ def to_onnx_bytes(model: CertModel, opset: int = 17) -> bytes:
             torch.onnx.export(
                 module,
                 (x,),
-                buf,
+                cast(Any, buf),  # torch's stubs say path, the exporter also takes a binary file
                 dynamo=False,
                 opset_version=opset,
                 input_names=[in_name],
@@ -138,6 +156,22 @@ def export(
         model.module.eval()
         data = to_onnx_bytes(model, opset=opset)
         onx = onnx.load_model_from_string(data)
+        module: nn.Module = model.module
+        if model.head is not None:
+            # the logits first (a softmax can hide a logit mismatch where it saturates), then
+            # the file with the user's head written back against the module followed by it
+            try:
+                parity(onx, model.module, model.sample_shape, model.domain, n=n_parity, atol=atol, rtol=1e-3,
+                       what="exported model")
+            except (ParityError, ModelLoadError) as e:
+                raise ExportError(f"the exported ONNX does not match the torch model: {e}") from e
+            from certonnx.io.head import append_head
+
+            try:
+                onx = append_head(onx, model.head)
+            except ValueError as e:
+                raise ExportError(f"cannot write the model's {model.head.op} back: {e}") from e
+            module = _WithHead(model.module, model.head)
         onx.producer_name, onx.producer_version = "certonnx", __version__
         meta = {k: v for k, v in model.metadata.items() if not k.startswith("certonnx.")}
         meta[KEY_VERSION] = __version__
@@ -162,7 +196,7 @@ def export(
             extra = [ci[i : i + 256].astype(np.float32) for i in range(0, len(ci), 256)]
         try:
             parity(
-                onx, model.module, model.sample_shape, model.domain, n=n_parity, atol=atol, rtol=1e-3,
+                onx, module, model.sample_shape, model.domain, n=n_parity, atol=atol, rtol=1e-3,
                 extra_inputs=extra, what="exported model",
             )
         except (ParityError, ModelLoadError) as e:

@@ -1,7 +1,8 @@
 """Load an ONNX file as a trainable, batch-dynamic torch.fx graph, checked against onnxruntime.
 
 Pipeline: read (never modify) the file -> parse + checker -> external data -> import passes
-(:mod:`certonnx.io.passes`) -> normalization detection -> ``onnx2torch.convert`` -> float
+(:mod:`certonnx.io.passes`) -> a final softmax set aside (:mod:`certonnx.io.head`) ->
+normalization detection -> ``onnx2torch.convert`` -> float
 initializers become ``nn.Parameter``s -> parity gate (torch vs onnxruntime on random inputs in
 the domain, batch 1 and 2). Every failure is a :class:`ModelLoadError` / :class:`ParityError` /
 :class:`UnsupportedOpError` with one clear line.
@@ -376,8 +377,15 @@ def load(
     n_parity: int = 8,
     domain: tuple[float, float] = (0.0, 1.0),
     seed: int = 0,
+    strip_head: bool = True,
 ) -> CertModel:
-    """Import ``path`` as a :class:`CertModel` (see module docstring). The file is only read."""
+    """Import ``path`` as a :class:`CertModel` (see module docstring). The file is only read.
+
+    ``strip_head``: a final Softmax/LogSoftmax over the class axis is cut off
+    (:func:`certonnx.io.head.strip_head`): the module returns the logits before it, the model's
+    ``head`` records it, and export writes it back. ``False`` keeps it in the graph, for callers
+    whose properties speak of the file's output values themselves (VNN-LIB).
+    """
     src = read_model(path)
     ops = P.op_counts(src)
     opset = P.main_opset(src)
@@ -397,6 +405,13 @@ def load(
             f"input {inp.name!r} has shape {list(_dims(inp))}: only the batch (first) dimension may be symbolic"
         )
     sample = tuple(int(d) for d in sample_shape)  # type: ignore[arg-type]
+    head = None
+    if strip_head:
+        from certonnx.io.head import strip_head as _strip_head
+
+        model, head = _strip_head(model, sample)
+        if head is not None:
+            notes.append(f"final {head.op} set aside: certified on the logits before it, kept on export")
     found = detect_normalization(model)
 
     gm = convert(model)
@@ -431,7 +446,7 @@ def load(
     return CertModel(
         module=gm,
         input_name=inp.name,
-        output_name=model.graph.output[0].name,
+        output_name=head.output_name if head is not None else model.graph.output[0].name,
         input_shape=(None, *sample),
         output_shape=out_shape,
         opset=opset,
@@ -442,6 +457,7 @@ def load(
         onnx_ops=ops,
         parity_max_abs_diff=diff,
         metadata=metadata,
+        head=head,
     )
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from certonnx import __version__
+from certonnx._version import __version__
 from certonnx.errors import ModelLoadError
 
 SCHEMA = "certonnx.certificate/1"
@@ -73,7 +73,10 @@ def make_certificate(
 def certificate_from_result(result: dict[str, Any], *, verifier: str, dataset_sha256: str | None,
                             method: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """A certificate from a ``certify_dataset`` result (the dict behind ``certify --json``), so
-    every command stores the same numbers under the same keys."""
+    every command stores the same numbers under the same keys. A softmax head the numbers were
+    certified behind (``result["head"]``) is recorded in ``extra["head"]``."""
+    if result.get("head"):
+        extra = {"head": result["head"], **(extra or {})}
     return make_certificate(
         norms=result["epsilon"], input_space=result["input_space"], method=method or result["method"],
         verifier=verifier, dataset_sha256=dataset_sha256, n=result["n"], clean_accuracy=result["clean_accuracy"],
