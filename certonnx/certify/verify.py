@@ -172,12 +172,13 @@ def verify(
     with frozen(module):
         fn = module.to(dev)
         bm = BoundedModule(module, sample_shape)
+        search = _Search(fn, bm, InputSet, checker, sample_shape, deadline, method, batch_size, max_open, gen, dev,
+                         st)
 
         # phase 1: attack every region (cheap, finds most sat instances)
         st.phase = "attack"
         for lo, hi, dis in prop.regions:
-            cex = _attack_boxes(fn, checker, lo[None], hi[None], dis, sample_shape, attack_steps,
-                                attack_restarts, gen, dev, st, targeted=True)
+            cex = _attack_boxes(search, lo[None], hi[None], dis, attack_steps, attack_restarts, targeted=True)
             if cex is not None:
                 st.seconds = time.monotonic() - t0
                 return "sat", cex
@@ -188,8 +189,7 @@ def verify(
         # phase 2: branch and bound per region
         st.phase = "bab"
         for lo, hi, dis in prop.regions:
-            res, cex = _bab(fn, bm, InputSet, checker, lo, hi, dis, sample_shape, deadline, method, batch_size,
-                            max_open, gen, dev, st)
+            res, cex = _bab(search, lo, hi, dis)
             if res != "unsat":
                 st.seconds = time.monotonic() - t0
                 return res, cex
@@ -197,18 +197,33 @@ def verify(
         return "unsat", None
 
 
+@dataclass
+class _Search:
+    """What every phase of one ``verify`` call shares: the model (torch, bounded, and the
+    onnxruntime checker), the input shape, the budget and options, the random generator and the
+    statistics. One object instead of the same dozen arguments on every helper."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    bm: Any
+    input_set: Any  # certonnx.bounds.InputSet, imported lazily
+    checker: _Checker
+    sample_shape: tuple[int, ...]
+    deadline: float
+    method: str
+    batch_size: int
+    max_open: int
+    gen: torch.Generator
+    dev: torch.device
+    st: VerifyStats
+
+
 def _attack_boxes(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    checker: _Checker,
+    search: _Search,
     lo: np.ndarray,
     hi: np.ndarray,
     dis: list[tuple[np.ndarray, np.ndarray]],
-    sample_shape: tuple[int, ...],
     steps: int,
     restarts: int,
-    gen: torch.Generator,
-    dev: torch.device,
-    st: VerifyStats,
     box_lo: np.ndarray | None = None,
     box_hi: np.ndarray | None = None,
     targeted: bool = False,
@@ -217,6 +232,8 @@ def _attack_boxes(
 
     ``box_lo/box_hi`` is the region the counterexample must lie in (the sub-boxes are inside it).
     """
+    fn, checker, sample_shape, gen, dev, st = (search.fn, search.checker, search.sample_shape, search.gen,
+                                               search.dev, search.st)
     st.attack_calls += 1
     N = lo.shape[0]
     R = max(restarts, 1)
@@ -251,27 +268,20 @@ def _attack_boxes(
 
 
 def _bab(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    bm: Any,
-    InputSet: Any,
-    checker: _Checker,
+    search: _Search,
     lo: np.ndarray,
     hi: np.ndarray,
     dis: list[tuple[np.ndarray, np.ndarray]],
-    sample_shape: tuple[int, ...],
-    deadline: float,
-    method: str,
-    batch_size: int,
-    max_open: int,
-    gen: torch.Generator,
-    dev: torch.device,
-    st: VerifyStats,
 ) -> tuple[str, dict[str, np.ndarray] | None]:
     """Branch and bound on one region. A domain is a box, a ReLU sign assignment (ReLU
     networks with more than ``INPUT_SPLIT_MAX_DIM`` inputs split activations, others split input
     dimensions) and the mask of disjuncts not yet proven impossible on it; a domain is closed
     when all are proven, and the region is unsat when no domain is left open."""
     from certonnx.certify.relu_split import ReluSplitBounder
+
+    fn, bm, InputSet, sample_shape, dev, st = (search.fn, search.bm, search.input_set, search.sample_shape,
+                                               search.dev, search.st)
+    deadline, method, batch_size, max_open = search.deadline, search.method, search.batch_size, search.max_open
 
     A, b = property_tensors([(torch.as_tensor(a), torch.as_tensor(bb)) for a, bb in dis])
     D, M, K = A.shape
@@ -357,11 +367,10 @@ def _bab(
             return "timeout", None
         # attack: a counterexample anywhere in the region settles the property
         if relu_mode:  # domains share the region's box: a few fresh random restarts on it
-            cex = _attack_boxes(fn, checker, lo[None], hi[None], dis, sample_shape, steps=20, restarts=2,
-                                gen=gen, dev=dev, st=st)
+            cex = _attack_boxes(search, lo[None], hi[None], dis, steps=20, restarts=2)
         else:
-            cex = _attack_boxes(fn, checker, blo.double().cpu().numpy(), bhi.double().cpu().numpy(), dis,
-                                sample_shape, steps=20, restarts=1, gen=gen, dev=dev, st=st, box_lo=lo, box_hi=hi)
+            cex = _attack_boxes(search, blo.double().cpu().numpy(), bhi.double().cpu().numpy(), dis,
+                                steps=20, restarts=1, box_lo=lo, box_hi=hi)
         if cex is not None:
             return "sat", cex
         took = time.monotonic() - t_batch
