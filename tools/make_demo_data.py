@@ -21,26 +21,23 @@ the repository root; MNIST is read from ``$CERTONNX_DATA/mnist.npz`` or
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from certonnx.data import find_data  # noqa: E402 - after the sys.path set-up
+
 OUT = ROOT / "examples" / "data" / "mnist_demo.npz"
 N_CLASSES = 10
 #: L∞ radius of the VNN-LIB property written next to the data (pixels in [0, 1])
 PROP_EPS = 0.01
 
 
-def find_mnist() -> Path | None:
-    """``$CERTONNX_DATA/mnist.npz`` when set, else ``../shared/data/mnist.npz`` next to the repository."""
-    env = os.environ.get("CERTONNX_DATA")
-    for base in ([Path(env)] if env else []) + [ROOT.parent / "shared" / "data"]:
-        if (base / "mnist.npz").is_file():
-            return base / "mnist.npz"
-    return None
 
 
 def balanced_subset(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -117,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true",
                     help="do not write: exit 1 unless the existing --out file holds exactly these arrays")
     a = ap.parse_args(argv)
-    src = find_mnist()
+    src = find_data("mnist.npz")
     if src is None:
         print("MNIST not found: set $CERTONNX_DATA to a folder with mnist.npz", file=sys.stderr)
         return 2

@@ -37,6 +37,11 @@ except ImportError:  # `--only keras` runs from a separate TensorFlow venv that 
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from certonnx.data import find_data  # noqa: E402 - after the sys.path set-up
+
 OUT = ROOT / "tests" / "fixtures"
 
 
@@ -370,12 +375,6 @@ def make_keras(path: Path, data: Path = OUT / "mnist_200.npz", epochs: int = 5) 
 # --------------------------------------------------------------------------------------------
 # MNIST data and trained models
 # --------------------------------------------------------------------------------------------
-def find_mnist() -> Path | None:
-    env = os.environ.get("CERTONNX_DATA")
-    for base in ([Path(env)] if env else []) + [ROOT.parent / "shared" / "data"]:
-        if (base / "mnist.npz").is_file():
-            return base / "mnist.npz"
-    return None
 
 
 def make_mnist_200(src: Path, path: Path) -> None:
@@ -464,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         make_keras(OUT / "keras_cnn.onnx")
 
     if "mnist" in groups:
-        src = find_mnist()
+        src = find_data("mnist.npz")
         if src is None:
             print("MNIST not found ($CERTONNX_DATA or ../shared/data): skipping mnist_200.npz and trained models")
             return 0
