@@ -155,14 +155,17 @@ def _correct(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_si
 
 def certified_radii(cm: CertModel, x: torch.Tensor, y: torch.Tensor, eps_max: Mapping[str, float], method: str, *,
                     batch_size: int = 128, device: torch.device | str = "cpu") -> dict[str, dict[str, Any]]:
-    """``{norm: {"eps_max", "acr", "curve"}}``: per-sample certified radii in ``[0, eps_max]``
-    of the model (eval mode), their average (ACR, misclassified samples count 0) and the
+    """``{norm: {"eps_max", "acr", "curve", "radii"}}``: per-sample certified radii in
+    ``[0, eps_max]`` of the model (eval mode; ``radii``, in the order of ``x``, 0 where the
+    sample is misclassified or nothing is certified), their average (ACR) and the
     certified-accuracy-vs-ε curve.
 
     ``method`` is a bound method (``auto`` means :data:`RADIUS_AUTO`) searched by batched
     bisection, or ``lipschitz`` (margin / Lipschitz constant, closed form). The one radius
     evaluation behind ``certonnx certify --radius`` and ``certonnx finetune --eval-radius``.
     """
+    import torch
+
     from certonnx.bounds import BoundedModule
     from certonnx.certify.radius import certified_radius, radius_summary
     from certonnx.utils import resolve_device
@@ -184,7 +187,8 @@ def certified_radii(cm: CertModel, x: torch.Tensor, y: torch.Tensor, eps_max: Ma
         else:
             r = certified_radius(bm, x.to(dev), y.to(dev), norm, e, method, domain=(float(cm.domain[0]), float(cm.domain[1])),
                                  batch_size=batch_size, num_classes=cm.num_classes, head=cm.head).cpu()
-        out[norm] = {"eps_max": e, **radius_summary(r, e, correct=correct)}
+        r = torch.where(correct.to(r.device), r, torch.zeros_like(r))
+        out[norm] = {"eps_max": e, **radius_summary(r, e, correct=correct), "radii": [float(v) for v in r.double()]}
     return out
 
 
