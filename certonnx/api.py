@@ -200,7 +200,7 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
             output: str | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
             batch_size: int = 128, device: str = "auto", max_memory: int | None = None, pgd_steps: int = 20,
             pgd_restarts: int = 1, seed: int = 0, progress: bool = False, echo: Echo | None = None,
-            extra_outputs: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+            extra_outputs: Mapping[str, str | None] | None = None, per_sample: bool = False) -> dict[str, Any]:
     """Certify the ONNX file ``model`` on ``data`` (an .npz or any form of
     :func:`certonnx.data.load_data`, split ``split``): the ``certonnx certify`` report.
 
@@ -209,7 +209,9 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
     ``plot``) adds ``report["radius"]`` (see :func:`certified_radii`); ``plot`` writes the
     certified-accuracy curve as PNG; ``output`` writes a copy of the model with the certificate
     in its metadata. ``extra_outputs`` (label -> path) are files the caller will write, checked
-    with ours before any work (the CLI's ``--json``).
+    with ours before any work (the CLI's ``--json``). ``per_sample`` adds
+    ``report["per_sample"]``: each sample's status per norm (verified / falsified / unknown), its
+    clean correctness and prediction, in data order (bound methods; not with ``lipschitz``).
     """
     import torch
 
@@ -221,6 +223,8 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
     choices = ("auto", *_bound_methods(), "lipschitz")
     if method not in choices:
         raise ConfigError(f"{method!r} is not one of {', '.join(choices)}", "--method")
+    if per_sample and method == "lipschitz":
+        raise ConfigError("needs a bound method (lipschitz gives per-sample radii: use --radius)", "--per-sample")
     _check_mean_std(mean, std)
     radius = radius or plot is not None
     # every output path is checked before any work, and the data's form (before the slow model import)
@@ -252,7 +256,7 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
 
         res = certify_dataset(cm, x, y, norms, method, batch_size=batch_size, pgd_steps=pgd_steps,
                               pgd_restarts=pgd_restarts, device=dev, progress=progress, onnx_path=model,
-                              max_memory=max_memory, seed=seed, ort_inputs=stored)
+                              max_memory=max_memory, seed=seed, ort_inputs=stored, per_sample=per_sample)
     res["data"] = {"path": data, "format": info["format"], "split": split, "sha256": info["sha256"],
                    "layout": info["layout"],
                    "scale": info["scale"], **({"reshaped": note} if note else {})}

@@ -293,3 +293,30 @@ def test_certify_radius_json_lists_every_sample(capsys: pytest.CaptureFixture[st
         lb, _ = bm.compute(InputSet(x[pos], torch.as_tensor(radii[pos] * 0.999, dtype=torch.float32), "linf", (0.0, 1.0)),
                            margin_matrix(y[pos], 10), "crown-ibp", upper=False)
     assert bool((lb.amin(1) > 0).all())
+
+
+def test_certify_per_sample_statuses_and_method_times(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--per-sample`` lists each sample's status in data order, consistent with the counts;
+    the JSON gives each cascade method's (and the attack's) wall time; without a terminal the
+    progress goes to stderr as plain lines, never as a bar."""
+    n = 12
+    rc = main(["certify", MLP, "--data", DATA, "--n", str(n), "--norm", "linf:0.02,l2:0.3", "--method", "auto",
+               "--pgd-steps", "2", "--per-sample", "--json", "-"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    r = json.loads(out.out)
+    ps = r["per_sample"]
+    assert len(ps["correct"]) == n and len(ps["prediction"]) == n
+    for norm in ("linf", "l2"):
+        st = ps[norm]
+        assert len(st) == n and set(st) <= {"verified", "falsified", "unknown"}
+        assert st.count("verified") == r["status_counts"][norm]["verified"]
+        assert r["certified_accuracy"][norm] == pytest.approx(st.count("verified") / n)
+        assert all(c or s != "verified" for c, s in zip(ps["correct"], st))
+        secs = r["per_method_seconds"][norm]
+        assert set(secs) == {"attack", "ibp", "crown-ibp", "crown", "alpha-crown"}
+        assert all(v >= 0 for v in secs.values()) and secs["ibp"] > 0
+    assert "certifying:" in out.err and f"{2 * n}/{2 * n}" in out.err
+    assert main(["certify", MLP, "--data", DATA, "--n", "4", "--norm", "linf:0.02", "--method", "lipschitz",
+                 "--per-sample"]) == 2
+    assert "--per-sample" in capsys.readouterr().err

@@ -155,12 +155,14 @@ def certify_dataset(
                 broken = ~correct.clone()  # torch says: a point of the set is misclassified
                 verified = torch.zeros(n, dtype=torch.bool)
                 counts = {m: 0 for m in cascade}
+                seconds = {"attack": 0.0, **{m: 0.0 for m in cascade}}
                 adv_all = x.clone()
                 for sl in _batches(n, batch_size):
                     xb, yb = x[sl].to(dev), y[sl].to(dev)
                     cb = correct[sl].to(dev)
                     # 1. attack the correctly classified samples
                     if eps > 0 and bool(cb.any()):
+                        t_att = time.monotonic()
                         idx = torch.nonzero(cb).flatten()
                         adv = pgd_attack(module, xb[idx], yb[idx], eps, norm, domain, steps=pgd_steps,
                                          restarts=pgd_restarts, generator=gen)
@@ -173,6 +175,7 @@ def certify_dataset(
                         a_sl = adv_all[sl].clone()
                         a_sl[idx.cpu()] = adv.cpu()
                         adv_all[sl] = a_sl
+                        seconds["attack"] += time.monotonic() - t_att
                     # 2. bounds: first method on every correct sample (cross-checks the attack),
                     #    later methods only on those still open
                     todo = cb.clone().cpu()
@@ -182,14 +185,16 @@ def certify_dataset(
                         if not bool(todo.any()):
                             break
                         idx = torch.nonzero(todo).flatten()
+                        t_meth = time.monotonic()
                         ok, used = _bound_verified(bm, xb[idx.to(dev)], yb[idx.to(dev)], eps, norm, domain, K,
                                                    meth, max_memory, alpha_steps, mem_warnings, head=head)
                         v_sl = verified[sl].clone()
                         newly = ok.cpu() & ~v_sl[idx]
                         counts[meth] += int(newly.sum())
+                        seconds[meth] += time.monotonic() - t_meth
                         v_sl[idx] = v_sl[idx] | ok.cpu()
                         verified[sl] = v_sl
-                    tick(sl.stop - sl.start)
+                    tick(sl.stop - sl.start, f"{norm} ε={eps:g}")
                 clash = verified & broken
                 if bool(clash.any()):
                     i = int(torch.nonzero(clash)[0])
@@ -213,6 +218,7 @@ def certify_dataset(
                     "verified": verified,
                     "broken": broken,
                     "counts": counts,
+                    "seconds": {k: round(v, 3) for k, v in seconds.items()},
                     "ort_disagreements": int(cand.numel() - int(confirmed.sum())),
                 }
         finally:
@@ -238,6 +244,8 @@ def certify_dataset(
         "head": head.describe() if head is not None else None,
         "seconds": round(time.monotonic() - t0, 3),
         "per_method": {k: v["counts"] for k, v in per_norm.items()},
+        # wall time per norm of the PGD attack and of each bound method of the cascade
+        "per_method_seconds": {k: v["seconds"] for k, v in per_norm.items()},
         "status_counts": {
             k: {s: int((v["status"] == s).sum()) for s in STATUSES} for k, v in per_norm.items()
         },
@@ -335,19 +343,44 @@ def _bound_verified(
     return margins_certify(bm, lb.detach().amin(1), x, eps, norm, domain, head), used
 
 
-def _progress(progress: bool | Callable[[int], None], total: int):
+#: seconds between two plain-text progress lines when stderr is not a terminal
+PLAIN_PROGRESS_EVERY = 5.0
+
+
+def _progress(progress: bool | Callable[[int], None], total: int) -> tuple[Any, Callable[[int, str], None]]:
+    """``(bar, tick)``: ``tick(k, stage)`` reports ``k`` more (sample, norm) pairs done. A rich
+    bar on a terminal; on a pipe or a CI log, one plain line every few seconds (and at the end),
+    so a long run is never silent; nothing with ``progress=False``; a callable gets ``k``."""
     if callable(progress):
-        return None, progress
+        user = progress
+        return None, lambda k, stage="": user(k)
     if not progress:
-        return None, lambda k: None
+        return None, lambda k, stage="": None
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
-    if not console.is_terminal:  # CI logs and pipes: a transient bar would only leave blank lines
-        return None, lambda k: None
-    bar = Progress(TextColumn("certifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=console, transient=True)
-    task = bar.add_task("certify", total=total)
+    if not console.is_terminal:
+        import sys
+
+        state = {"done": 0, "last": time.monotonic()}
+        t0 = state["last"]
+
+        def plain(k: int, stage: str = "") -> None:
+            state["done"] += k
+            now = time.monotonic()
+            if now - state["last"] >= PLAIN_PROGRESS_EVERY or state["done"] >= total:
+                state["last"] = now
+                print(f"certifying: {int(state['done'])}/{total} samples·norms done ({stage}), {now - t0:.0f} s",
+                      file=sys.stderr, flush=True)
+
+        return None, plain
+    bar = Progress(TextColumn("certifying {task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn(), console=console, transient=True)
+    task = bar.add_task("", total=total)
     bar.start()
-    return bar, lambda k: bar.advance(task, k)
+
+    def advance(k: int, stage: str = "") -> None:
+        bar.update(task, advance=k, description=stage)
+
+    return bar, advance

@@ -60,6 +60,8 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> in
 @json_file_option("Write the result as JSON to OUT ('-' = stdout; the table then goes to stderr).")
 @click.option("--radius", is_flag=True, help="Also compute per-sample certified radii, ACR and the ε curve "
               "(bound method: --method, crown-ibp for auto).")
+@click.option("--per-sample", is_flag=True, help="Add each sample's status per norm (verified / falsified / "
+              "unknown), correctness and prediction to the JSON, in data order.")
 @click.option("--eps-max", default=None, metavar="EPS|NORM:EPS,...",
               help="Upper end of the radius search (default 2 × ε per norm).")
 @click.option("--plot", default=None, metavar="OUT.png", help="Plot certified accuracy vs ε (implies --radius).")
