@@ -197,6 +197,10 @@ def verify(
         return "unsat", None
 
 
+#: attack copies (box × restart × disjunct) per PGD call of :func:`_attack_boxes`
+ATTACK_CHUNK = 4096
+
+
 @dataclass
 class _Search:
     """What every phase of one ``verify`` call shares: the model (torch, bounded, and the
@@ -239,32 +243,37 @@ def _attack_boxes(
     R = max(restarts, 1)
     A, b = property_tensors([(torch.as_tensor(a), torch.as_tensor(bb)) for a, bb in dis])
     D = A.shape[0]
-    if targeted and D > 1:
-        # one copy per (box, disjunct, restart): each copy chases a single disjunct, which gives
-        # far more diverse restarts than always following the currently easiest one
-        reps = D * R
-        A_t = A.unsqueeze(1).repeat(N * R, 1, 1, 1)  # (N*R*D, 1, M, K) ordered (box, restart, disjunct)
-        b_t = b.unsqueeze(1).repeat(N * R, 1, 1)
-    else:
-        reps = R
-        A_t = A.unsqueeze(0).expand(N * R, *A.shape)
-        b_t = b.unsqueeze(0).expand(N * R, *b.shape)
-    lo_t = torch.as_tensor(np.repeat(lo, reps, 0), dtype=torch.float32, device=dev).view(N * reps, *sample_shape)
-    hi_t = torch.as_tensor(np.repeat(hi, reps, 0), dtype=torch.float32, device=dev).view(N * reps, *sample_shape)
-    x0 = (lo_t + hi_t) / 2
-    x_adv, loss = pgd_attack(fn, x0, None, steps=steps, restarts=1, spec=(A_t.to(dev), b_t.to(dev)),
-                             box=(lo_t, hi_t), generator=gen, return_loss=True, random_init=True)
-    cand = torch.nonzero(loss <= 1e-4).flatten()
-    if cand.numel() == 0:
-        return None
-    order = cand[torch.argsort(loss[cand])][:16]
-    xs = x_adv[order].flatten(1).detach().cpu().double().numpy()
+    targeted = targeted and D > 1
+    # targeted: one copy per (box, restart, disjunct), each chasing a single disjunct, which
+    # gives far more diverse restarts than always following the currently easiest one
+    reps = D * R if targeted else R
+    total = N * reps
+    lo_all = torch.as_tensor(lo, dtype=torch.float32, device=dev)
+    hi_all = torch.as_tensor(hi, dtype=torch.float32, device=dev)
+    A, b = A.to(dev), b.to(dev)
     rlo = lo[0] if box_lo is None else box_lo
     rhi = hi[0] if box_hi is None else box_hi
-    found = checker.check(xs, rlo, rhi, dis)
-    if found is None:
-        return None
-    return {"x": found[0], "y": found[1]}
+    # in chunks of copies: memory stays bounded for properties with thousands of disjuncts,
+    # the deadline is checked between chunks, and a counterexample ends the search early
+    for start in range(0, total, ATTACK_CHUNK):
+        c = torch.arange(start, min(start + ATTACK_CHUNK, total), device=dev)
+        box = c // reps
+        if targeted:
+            A_t, b_t = A[c % D].unsqueeze(1), b[c % D].unsqueeze(1)  # (n, 1, M, K), (n, 1, M)
+        else:
+            A_t, b_t = A.unsqueeze(0).expand(c.numel(), *A.shape), b.unsqueeze(0).expand(c.numel(), *b.shape)
+        lo_t, hi_t = lo_all[box].view(-1, *sample_shape), hi_all[box].view(-1, *sample_shape)
+        x_adv, loss = pgd_attack(fn, (lo_t + hi_t) / 2, None, steps=steps, restarts=1, spec=(A_t, b_t),
+                                 box=(lo_t, hi_t), generator=gen, return_loss=True, random_init=True)
+        cand = torch.nonzero(loss <= 1e-4).flatten()
+        if cand.numel():
+            order = cand[torch.argsort(loss[cand])][:16]
+            found = checker.check(x_adv[order].flatten(1).detach().cpu().double().numpy(), rlo, rhi, dis)
+            if found is not None:
+                return {"x": found[0], "y": found[1]}
+        if time.monotonic() > search.deadline:
+            break
+    return None
 
 
 def _bab(
