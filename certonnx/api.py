@@ -266,11 +266,19 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
         res["radius"] = {"method": radius_method(method),
                          **certified_radii(cm, x, y, eps_max_d, method, batch_size=batch_size, device=dev)}
         if plot is not None:
-            from certonnx.certify.radius import plot_curves
+            from certonnx.certify.radius import pgd_accuracy_curve, plot_curves
 
-            kind = " (Lipschitz)" if method == "lipschitz" else ""
-            plot_curves({k: (v["curve"]["eps"], v["curve"]["accuracy"]) for k, v in res["radius"].items()
-                         if isinstance(v, dict)}, plot, title=f"certified accuracy{kind}: {Path(model).name}")
+            curves = {k: v for k, v in res["radius"].items() if isinstance(v, dict)}
+            pgd = {}
+            for k, v in curves.items():  # PGD at every 4th ε of the curve (6 points): the other side of the gap
+                e_pts = v["curve"]["eps"][::4]
+                v["pgd_curve"] = {"eps": e_pts, "accuracy": pgd_accuracy_curve(
+                    cm.module, x, y, k, e_pts, (float(cm.domain[0]), float(cm.domain[1])), steps=pgd_steps,
+                    restarts=pgd_restarts, seed=seed, batch_size=batch_size, device=dev)}
+                pgd[k] = (v["pgd_curve"]["eps"], v["pgd_curve"]["accuracy"])
+            plot_curves({k: (v["curve"]["eps"], v["curve"]["accuracy"]) for k, v in curves.items()}, plot,
+                        title=f"{Path(model).name}: certified ({res['radius']['method']}) vs PGD, n = {res['n']}",
+                        pgd=pgd, marks={k: float(e) for k, e in norms.items()})
     if output is not None:
         _export_certified(cm, res, info, output)
     return res

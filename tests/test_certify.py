@@ -4,6 +4,7 @@ radius bisection, JSON keys, certificate export and bad flags."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -320,3 +321,22 @@ def test_certify_per_sample_statuses_and_method_times(capsys: pytest.CaptureFixt
     assert main(["certify", MLP, "--data", DATA, "--n", "4", "--norm", "linf:0.02", "--method", "lipschitz",
                  "--per-sample"]) == 2
     assert "--per-sample" in capsys.readouterr().err
+
+
+def test_certify_plot_shows_pgd_beside_certified(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--plot`` writes the PNG and records the PGD curve it draws: at every ε the PGD accuracy
+    is at least the certified accuracy (certified ⊆ robust ⊆ not broken by PGD), and at ε = 0 it
+    is the clean accuracy."""
+    png = tmp_path / "curve.png"
+    rc = main(["certify", MLP, "--data", DATA, "--n", "16", "--norm", "linf:0.02", "--method", "crown-ibp",
+               "--pgd-steps", "5", "--plot", str(png), "--json", "-"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    r = json.loads(out.out)
+    rad = r["radius"]["linf"]
+    pgd = rad["pgd_curve"]
+    assert len(pgd["eps"]) == 6 and pgd["eps"][0] == 0.0 and pgd["accuracy"][0] == pytest.approx(r["clean_accuracy"])
+    cert = dict(zip(rad["curve"]["eps"], rad["curve"]["accuracy"]))
+    for e, a in zip(pgd["eps"], pgd["accuracy"]):
+        assert a >= cert[e] - 1e-12, (e, a, cert[e])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
