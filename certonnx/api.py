@@ -200,7 +200,8 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
             output: str | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
             batch_size: int = 128, device: str = "auto", max_memory: int | None = None, pgd_steps: int = 20,
             pgd_restarts: int = 1, seed: int = 0, progress: bool = False, echo: Echo | None = None,
-            extra_outputs: Mapping[str, str | None] | None = None, per_sample: bool = False) -> dict[str, Any]:
+            extra_outputs: Mapping[str, str | None] | None = None, per_sample: bool = False,
+            timeout: float | None = None) -> dict[str, Any]:
     """Certify the ONNX file ``model`` on ``data`` (an .npz or any form of
     :func:`certonnx.data.load_data`, split ``split``): the ``certonnx certify`` report.
 
@@ -212,6 +213,8 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
     with ours before any work (the CLI's ``--json``). ``per_sample`` adds
     ``report["per_sample"]``: each sample's status per norm (verified / falsified / unknown), its
     clean correctness and prediction, in data order (bound methods; not with ``lipschitz``).
+    ``timeout``: seconds for the bound passes of the whole run (see
+    :func:`certonnx.certify.core.certify_dataset`; the radius search is not limited by it).
     """
     import torch
 
@@ -223,6 +226,8 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
     choices = ("auto", *_bound_methods(), "lipschitz")
     if method not in choices:
         raise ConfigError(f"{method!r} is not one of {', '.join(choices)}", "--method")
+    if timeout is not None and not timeout > 0:
+        raise ConfigError("must be a positive number of seconds", "--timeout")
     if per_sample and method == "lipschitz":
         raise ConfigError("needs a bound method (lipschitz gives per-sample radii: use --radius)", "--per-sample")
     _check_mean_std(mean, std)
@@ -256,7 +261,8 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
 
         res = certify_dataset(cm, x, y, norms, method, batch_size=batch_size, pgd_steps=pgd_steps,
                               pgd_restarts=pgd_restarts, device=dev, progress=progress, onnx_path=model,
-                              max_memory=max_memory, seed=seed, ort_inputs=stored, per_sample=per_sample)
+                              max_memory=max_memory, seed=seed, ort_inputs=stored, per_sample=per_sample,
+                              timeout=timeout)
     res["data"] = {"path": data, "format": info["format"], "split": split, "sha256": info["sha256"],
                    "layout": info["layout"],
                    "scale": info["scale"], **({"reshaped": note} if note else {})}

@@ -340,3 +340,21 @@ def test_certify_plot_shows_pgd_beside_certified(tmp_path: Path, capsys: pytest.
     for e, a in zip(pgd["eps"], pgd["accuracy"]):
         assert a >= cert[e] - 1e-12, (e, a, cert[e])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_certify_timeout_leaves_unknown_never_a_claim(capsys: pytest.CaptureFixture[str]) -> None:
+    """Past ``--timeout`` no bound pass starts: open samples stay unknown (certified accuracy can
+    only drop), the report says how many were cut short; a generous timeout changes nothing."""
+    base = ["certify", MLP, "--data", DATA, "--n", "16", "--norm", "linf:0.02", "--method", "crown-ibp",
+            "--pgd-steps", "2", "--json", "-"]
+    assert main(base) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert main([*base, "--timeout", "1e-9"]) == 0
+    cut = json.loads(capsys.readouterr().out)
+    assert cut["timeout"]["reached"] and cut["certified_accuracy"]["linf"] == 0.0
+    assert cut["timeout"]["cut_short"] == round(full["clean_accuracy"] * 16)
+    assert cut["pgd_accuracy"] == full["pgd_accuracy"]
+    assert main([*base, "--timeout", "600"]) == 0
+    slow = json.loads(capsys.readouterr().out)
+    assert not slow["timeout"]["reached"] and slow["certified_accuracy"] == full["certified_accuracy"]
+    assert main([*base, "--timeout", "0"]) == 2 and "--timeout" in capsys.readouterr().err

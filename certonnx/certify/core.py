@@ -95,6 +95,7 @@ def certify_dataset(
     seed: int = 0,
     per_sample: bool = False,
     ort_inputs: np.ndarray | torch.Tensor | None = None,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """Certify ``x, y`` (raw inputs, labels) for every ``{norm: eps}``; see the module docstring.
 
@@ -108,8 +109,15 @@ def certify_dataset(
     :class:`~certonnx.errors.ParityError` and nothing is reported. ``ort_inputs`` are the same
     samples as the user stores them (e.g. :func:`certonnx.data.as_stored`), fed to onnxruntime
     with only a channel transpose or a re-view where its input needs one; default ``x``.
+
+    ``timeout`` (seconds, whole call): once it has passed, no further bound pass starts; the
+    samples not verified by then stay ``unknown`` (never a claim), attacks still run, and the
+    report says for how many (sample, norm) pairs the remaining bound methods did not run
+    (``timeout.cut_short``).
     """
     t0 = time.monotonic()
+    deadline = t0 + timeout if timeout is not None else None
+    skipped = 0
     method = method.lower().replace("_", "-")
     if method != "auto" and method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
@@ -184,6 +192,9 @@ def certify_dataset(
                             todo = todo & ~broken[sl] & ~verified[sl]
                         if not bool(todo.any()):
                             break
+                        if deadline is not None and time.monotonic() > deadline:
+                            skipped += int(todo.sum())
+                            break
                         idx = torch.nonzero(todo).flatten()
                         t_meth = time.monotonic()
                         ok, used = _bound_verified(bm, xb[idx.to(dev)], yb[idx.to(dev)], eps, norm, domain, K,
@@ -255,6 +266,8 @@ def certify_dataset(
     }
     if clean_check is not None:
         res["ort_clean_check"] = clean_check
+    if timeout is not None:
+        res["timeout"] = {"seconds": float(timeout), "reached": skipped > 0, "cut_short": skipped}
     if mem_warnings:
         res["warnings"] = sorted(set(mem_warnings))
     for k in res["certified_accuracy"]:

@@ -60,6 +60,9 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> in
 @json_file_option("Write the result as JSON to OUT ('-' = stdout; the table then goes to stderr).")
 @click.option("--radius", is_flag=True, help="Also compute per-sample certified radii, ACR and the ε curve "
               "(bound method: --method, crown-ibp for auto).")
+@click.option("--timeout", type=float, default=None, metavar="SECONDS",
+              help="Stop starting bound passes after SECONDS (whole run); samples not verified by then are "
+                   "reported unknown, never as a claim. Not applied to --radius.")
 @click.option("--per-sample", is_flag=True, help="Add each sample's status per norm (verified / falsified / "
               "unknown), correctness and prediction to the JSON, in data order.")
 @click.option("--eps-max", default=None, metavar="EPS|NORM:EPS,...",
