@@ -332,6 +332,7 @@ def finetune(model: str | Path | None, data: str | Path, *, norms: Mapping[str, 
              device: str = "auto", seed: int = 0,
              mean: Sequence[float] | None = None, std: Sequence[float] | None = None, progress: bool = False,
              echo: Echo | None = None, extra_outputs: Mapping[str, str | None] | None = None,
+             accept_worse: bool = False, max_clean_drop: float | None = None,
              ) -> tuple[CertModel, dict[str, Any] | None]:
     """Certified fine-tuning of the ONNX file ``model`` (or training ``arch`` from scratch, with
     ``model=None``) on ``data``'s train split, certification on its test split, export to
@@ -349,6 +350,13 @@ def finetune(model: str | Path | None, data: str | Path, *, norms: Mapping[str, 
     model is exported, unless ``keep_checkpoints``; a failed or interrupted run keeps it for
     ``resume``. Under torchrun every rank trains; only rank 0 certifies and exports, the others
     get ``(model, None)``.
+
+    Guard rail: a fine-tuned model is first certified as it came in (``report["before"]``, same
+    test samples and method). If the result is no improvement (union certified accuracy not
+    above the input's), collapsed (clean accuracy no better than always predicting the most
+    frequent test label) or lost more than ``max_clean_drop`` points of clean accuracy, it is
+    written to ``<output>.rejected.onnx`` instead of ``output`` (which is never replaced by it)
+    and ``report["verdict"]["accepted"]`` is False, unless ``accept_worse``.
     """
     from certonnx.train import distributed as D
     from certonnx.utils import resolve_device
@@ -363,6 +371,14 @@ def finetune(model: str | Path | None, data: str | Path, *, norms: Mapping[str, 
     say = echo if (echo is not None and rank == 0) else _quiet
     cm, x, y, info, xt, yt, tinfo, norms_d = _finetune_inputs(plan, norms, radii=radii, init=init, seed=seed,
                                                              n_train=n_train, eval_n=eval_n, say=say)
+    before = None
+    if rank == 0 and not plan.scratch and xt is not None and yt is not None:
+        from certonnx.certify.core import certify_dataset
+
+        say("certifying the input model first (the result must improve on it)")
+        cm.module.eval()
+        before = certify_dataset(cm, xt, yt, norms_d, eval_method.lower(), batch_size=max(batch_size, 128),
+                                 device=dev, progress=False, seed=seed)
     cfg, log = _train(plan, cm, x, y, norms_d, num_classes=cm.num_classes, epochs=epochs, batch_size=batch_size,
                       optimizer=optimizer, lr_schedule=lr_schedule, lr_milestones=lr_milestones, lr_decay=lr_decay,
                       weight_decay=weight_decay, eps_schedule=eps_schedule, grad_clip=grad_clip, seed=seed,
@@ -389,7 +405,15 @@ def finetune(model: str | Path | None, data: str | Path, *, norms: Mapping[str, 
                          progress=progress, say=say)
     import certonnx
 
-    certonnx.export(cm, plan.output, certificate=cert)
+    reasons = _worse_reasons(res.get("evaluation"), before, yt, max_clean_drop)
+    accepted = not reasons or accept_worse
+    res["before"] = before
+    res["verdict"] = {"accepted": accepted, "reasons": reasons, "accept_worse": accept_worse}
+    if not accepted:
+        out = Path(plan.output)
+        res["output"] = str(out.with_name(out.stem + ".rejected" + (out.suffix or ".onnx")))
+        say(f"rejected: written to {res['output']} instead of {plan.output}")
+    certonnx.export(cm, res["output"], certificate=cert)
     res["certified"] = cert is not None
     res["seconds"] = round(time.monotonic() - t_start, 2)
     D.barrier()
@@ -398,6 +422,28 @@ def finetune(model: str | Path | None, data: str | Path, *, norms: Mapping[str, 
     if not keep_checkpoints:
         remove_checkpoints(plan.ckdir)
     return cm, res
+
+
+def _worse_reasons(after: dict[str, Any] | None, before: dict[str, Any] | None, yt: torch.Tensor | None,
+                   max_clean_drop: float | None) -> list[str]:
+    """Why a trained model is not an improvement (empty: it is, or nothing was measured)."""
+    if after is None or yt is None or yt.numel() == 0:
+        return []
+    import torch
+
+    reasons = []
+    majority = float(torch.bincount(yt.long()).max()) / yt.numel()
+    if after["clean_accuracy"] <= majority + 1e-12:
+        reasons.append(f"collapsed: clean accuracy {after['clean_accuracy']:.1%} is no better than always predicting "
+                       f"the most frequent class ({majority:.1%})")
+    if before is not None:
+        u0, u1 = before["union_certified_accuracy"], after["union_certified_accuracy"]
+        if u1 <= u0:
+            reasons.append(f"certified accuracy {u1:.1%} not above the input model's {u0:.1%}")
+        drop = 100 * (before["clean_accuracy"] - after["clean_accuracy"])
+        if max_clean_drop is not None and drop > max_clean_drop:
+            reasons.append(f"clean accuracy fell {drop:.1f} points (--max-clean-drop {max_clean_drop:g})")
+    return reasons
 
 
 def remove_checkpoints(ckdir: Path) -> None:

@@ -191,7 +191,7 @@ def _pipeline(tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capture
     # finetune: one short epoch on a few samples, certified on the test split, exported
     cm, rep = api.finetune(src, data, norms={"linf": float(eps)}, method="ibp", epochs=1, n_train=n_train,
                            batch_size=n_train, eval_n=n_test, eval_method="ibp", output=str(tmp / "ft.onnx"),
-                           eval_radius=False)
+                           eval_radius=False, accept_worse=True)
     assert rep is not None and rep["certified"]
     ev = rep["evaluation"]
     with torch.no_grad():

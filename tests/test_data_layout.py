@@ -224,7 +224,7 @@ def test_finetune_certifies_nhwc_data_as_stored(models, tmp_path, capsys, monkey
     monkeypatch.chdir(tmp_path)
     rc = main(["finetune", str(models["nhwc"]), "--data", "d.npz", "--norm", "linf:0.001", "--method", "standard",
                "--epochs", "1", "--lr", "1e-9", "--batch-size", "16", "--eval-method", "ibp", "-o", "ft.onnx",
-               "--json", "res.json"])
+               "--json", "res.json", "--accept-worse"])  # lr 1e-9: the layout is under test, not a gain
     assert rc == 0, capsys.readouterr().err
     ev = json.loads((tmp_path / "res.json").read_text())["evaluation"]
     assert ev["clean_accuracy"] == 1.0  # (a learning rate of 1e-9 leaves the predictions as they were)

@@ -301,7 +301,7 @@ def _finetune_argv(out: str, *extra: str) -> list[str]:
     return ["finetune", str(MODEL), "--data", str(DATA), "--norm", "linf:0.02", "--method", "pgd", "--pgd-steps",
             "3", "--epochs", str(EPOCHS), "--n-train", str(N_TRAIN), "--batch-size", str(BATCH), "--eval-n",
             str(EVAL_N), "--eval-method", "ibp", "--device", "cpu", "--seed", "3", "-o", out, "--log-json",
-            "log.json", "--json", "res.json", *extra]
+            "log.json", "--json", "res.json", "--accept-worse", *extra]
 
 
 def test_finetune_killed_and_resumed(zygote: Zygote, tmp_path: Path) -> None:

@@ -41,7 +41,8 @@ def test_finetune_fixture_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     before = sha256_file(model)
     rc = _run(monkeypatch, tmp_path, "finetune", str(model), "--data", str(data), "--norm", "linf:0.02",
               "--method", "ibp", "--epochs", "2", "--n-train", "64", "--batch-size", "32", "--eval-n", "20",
-              "--eval-method", "ibp", "-o", "ft.onnx", "--json", "res.json", "--log-json", "log.json")
+              "--eval-method", "ibp", "-o", "ft.onnx", "--json", "res.json", "--log-json", "log.json",
+              "--accept-worse")
     assert rc == 0, capsys.readouterr().err
     assert sha256_file(model) == before  # the input is never written
     res = json.loads((tmp_path / "res.json").read_text())
@@ -78,7 +79,7 @@ def test_finetune_from_scratch_json_stdout(tmp_path: Path, monkeypatch: pytest.M
     data = write_npz(tmp_path / "d.npz", n=96, n_test=16)
     rc = _run(monkeypatch, tmp_path, "finetune", "--arch", "cnn3", "--data", str(data), "--norm", "linf:0.05",
               "--method", "sabr", "--epochs", "2", "--batch-size", "32", "--pgd-steps", "2", "--eval-method", "ibp",
-              "--method-opt", "sabr_lambda=0.3", "--json", "-")
+              "--method-opt", "sabr_lambda=0.3", "--json", "-", "--accept-worse")
     out = capsys.readouterr()
     assert rc == 0, out.err
     res = json.loads(out.out)
@@ -153,3 +154,45 @@ def test_checkpoints_kept_when_a_run_fails(tmp_path: Path, monkeypatch: pytest.M
     assert _scratch(monkeypatch, tmp_path) == rc
     assert (tmp_path / "o.onnx.ckpt" / "last.pt").exists() and not (tmp_path / "o.onnx").exists()
     capsys.readouterr()
+
+
+def test_finetune_that_does_not_improve_exits_1_and_keeps_the_old_output(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A fine-tune with lr 1e-9 cannot raise the certified accuracy: it is rejected (exit 1),
+    the existing output keeps its bytes, the model goes to OUTPUT.rejected.onnx; --accept-worse
+    writes it."""
+    model, data = FIX / "mnist_mlp_trained.onnx", FIX / "mnist_200.npz"
+    good = tmp_path / "robust.onnx"
+    good.write_bytes(model.read_bytes())
+    before = sha256_file(good)
+    args = ["finetune", str(model), "--data", str(data), "--norm", "linf:0.002", "--method", "ibp", "--epochs", "1",
+            "--n-train", "64", "--batch-size", "32", "--lr", "1e-9", "--eval-n", "20", "--eval-method", "ibp",
+            "-o", str(good), "--json", "res.json"]
+    rc = _run(monkeypatch, tmp_path, *args)
+    err = capsys.readouterr().err
+    assert rc == 1 and [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+        next(ln for ln in err.splitlines() if ln.startswith("error: not an improvement"))], err
+    assert sha256_file(good) == before
+    rejected = tmp_path / "robust.rejected.onnx"
+    assert rejected.exists()
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert not res["verdict"]["accepted"] and res["output"] == str(rejected)
+    assert res["evaluation"]["union_certified_accuracy"] <= res["before"]["union_certified_accuracy"]
+    assert _run(monkeypatch, tmp_path, *args, "--accept-worse") == 0
+    assert sha256_file(good) != before
+
+
+def test_worse_reasons() -> None:
+    """Collapse (no better than the majority class), no certified gain, too large a clean drop."""
+    import torch
+
+    from certonnx.api import _worse_reasons
+
+    y = torch.tensor([0, 0, 0, 1])
+    def rep(clean: float, union: float) -> dict:  # noqa: E306
+        return {"clean_accuracy": clean, "union_certified_accuracy": union}
+    assert _worse_reasons(rep(0.9, 0.5), rep(0.95, 0.2), y, None) == []
+    assert any("collapsed" in r for r in _worse_reasons(rep(0.75, 0.75), rep(0.95, 0.2), y, None))
+    assert any("not above" in r for r in _worse_reasons(rep(0.9, 0.2), rep(0.95, 0.2), y, None))
+    assert any("fell 5.0 points" in r for r in _worse_reasons(rep(0.9, 0.5), rep(0.95, 0.2), y, 3.0))
+    assert _worse_reasons(rep(0.9, 0.5), None, y, 3.0) == []  # from scratch: only the collapse check

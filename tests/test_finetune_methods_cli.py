@@ -24,8 +24,8 @@ def _cert(path: Path) -> dict:
 def _run(tmp_path: Path, model: str, *args: str) -> dict:
     out = tmp_path / "out.onnx"
     code = main(["finetune", str(FIX / model), "--data", DATA, "--epochs", "1", "--n-train", "64", "--batch-size", "32",
-                 "--eval-n", "16", "--eval-method", "ibp", "-o", str(out), *args])
-    assert code == 0
+                 "--eval-n", "16", "--eval-method", "ibp", "-o", str(out), "--accept-worse", *args])
+    assert code == 0  # (one epoch on 64 samples: the flags are under test, not the gain)
     return _cert(out)
 
 

@@ -129,6 +129,10 @@ def _method(ctx: click.Context, param: click.Parameter, value: str) -> str:
               help="Certify on the first N test samples [default: all]; 0 skips evaluation.")
 @bound_method_option("--eval-method", before=("auto",), default="auto",
                      help="Bound method for the final certification.")
+@click.option("--accept-worse", is_flag=True,
+              help="Write OUTPUT even when the result is no improvement on the input model (see --max-clean-drop).")
+@click.option("--max-clean-drop", type=click.FloatRange(min=0), default=None, metavar="POINTS",
+              help="Also reject a result whose clean accuracy fell more than POINTS [default: no limit].")
 @device_option()
 @seed_option("Seed of data order, init and attacks.")
 @mean_std_options("Per-channel mean when MODEL expects normalized input (ε stays in pixel space).")
@@ -144,7 +148,9 @@ def command(model: str | None, data: str, method: str, method_opts: tuple[str, .
     certonnx finetune model.onnx --data mnist.npz --norm linf:0.1 --resume   # after an interruption
 
     ε is measured in raw input space (pixels in [0, 1]). The output ONNX carries the test-set
-    certificate (clean / PGD / certified accuracy) in its metadata.
+    certificate (clean / PGD / certified accuracy) in its metadata. A fine-tuned model that is
+    no improvement on the input (certified accuracy not higher, or collapsed) goes to
+    OUTPUT.rejected.onnx, leaving OUTPUT alone, and the exit code is 1 (--accept-worse).
     """
     from certonnx import api
 
@@ -158,6 +164,12 @@ def command(model: str | None, data: str, method: str, method_opts: tuple[str, .
         return 0
     _table(console, res)
     write_json(json_out, res, default=str)
+    verdict = res.get("verdict", {})
+    if not verdict.get("accepted", True):  # one error line, after the table: the run failed its gate
+        err.print(f"error: not an improvement ({'; '.join(verdict['reasons'])}); written to {res['output']}, "
+                  f"{kw.get('output') or 'the output'} left as it was (--accept-worse to keep it)",
+                  soft_wrap=True, highlight=False, markup=False)
+        return 1
     return 0
 
 
@@ -179,6 +191,12 @@ def _table(console: Any, res: dict[str, Any]) -> None:
         for _ in res["norms"]:
             row += ["", cert]
         t.add_row(*row)
+    before = res.get("before")
+    if before:
+        row = [f"input model ({before['n']} test samples, {before['method']})", f"{before['clean_accuracy']:.2%}"]
+        for norm in res["norms"]:
+            row += [f"{before['pgd_accuracy'][norm]:.2%}", f"{before['certified_accuracy'][norm]:.2%}"]
+        t.add_row(*row)
     ev = res.get("evaluation")
     if ev:
         row = [f"test ({ev['n']} samples, {ev['method']})", f"{ev['clean_accuracy']:.2%}"]
@@ -191,5 +209,6 @@ def _table(console: Any, res: dict[str, Any]) -> None:
     written = ("model with certificate written to" if res.get("certified", True)
                else "model written without a certificate (--eval-n 0) to")
     console.print(f"{timing}total {res['seconds']:.1f}s; {written} {res['output']}")
+
     if res.get("checkpoint_dir"):
         console.print(f"checkpoints kept in {res['checkpoint_dir']}")
