@@ -188,7 +188,7 @@ def certified_radii(cm: CertModel, x: torch.Tensor, y: torch.Tensor, eps_max: Ma
             r = certified_radius(bm, x.to(dev), y.to(dev), norm, e, method, domain=(float(cm.domain[0]), float(cm.domain[1])),
                                  batch_size=batch_size, num_classes=cm.num_classes, head=cm.head).cpu()
         r = torch.where(correct.to(r.device), r, torch.zeros_like(r))
-        out[norm] = {"eps_max": e, **radius_summary(r, e, correct=correct), "radii": [float(v) for v in r.double()]}
+        out[norm] = {"eps_max": e, **radius_summary(r, e, correct=correct), "radii": r.double().tolist()}
     return out
 
 

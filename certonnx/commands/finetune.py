@@ -191,18 +191,14 @@ def _table(console: Any, res: dict[str, Any]) -> None:
         for _ in res["norms"]:
             row += ["", cert]
         t.add_row(*row)
-    before = res.get("before")
-    if before:
-        row = [f"input model ({before['n']} test samples, {before['method']})", f"{before['clean_accuracy']:.2%}"]
-        for norm in res["norms"]:
-            row += [f"{before['pgd_accuracy'][norm]:.2%}", f"{before['certified_accuracy'][norm]:.2%}"]
-        t.add_row(*row)
-    ev = res.get("evaluation")
-    if ev:
-        row = [f"test ({ev['n']} samples, {ev['method']})", f"{ev['clean_accuracy']:.2%}"]
-        for norm in res["norms"]:
-            row += [f"{ev['pgd_accuracy'][norm]:.2%}", f"{ev['certified_accuracy'][norm]:.2%}"]
-        t.add_row(*row)
+    for key, label in (("before", "input model ({n} test samples, {method})"),
+                       ("evaluation", "test ({n} samples, {method})")):
+        ev = res.get(key)
+        if ev:
+            row = [label.format(n=ev["n"], method=ev["method"]), f"{ev['clean_accuracy']:.2%}"]
+            for norm in res["norms"]:
+                row += [f"{ev['pgd_accuracy'][norm]:.2%}", f"{ev['certified_accuracy'][norm]:.2%}"]
+            t.add_row(*row)
     console.print(t)
     per_epoch = [e["seconds"] for e in log]
     timing = f"{sum(per_epoch) / len(per_epoch):.1f}s per epoch; " if per_epoch else ""
