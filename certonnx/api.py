@@ -201,7 +201,8 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
             batch_size: int = 128, device: str = "auto", max_memory: int | None = None, pgd_steps: int = 20,
             pgd_restarts: int = 1, seed: int = 0, progress: bool = False, echo: Echo | None = None,
             extra_outputs: Mapping[str, str | None] | None = None, per_sample: bool = False,
-            timeout: float | None = None) -> dict[str, Any]:
+            timeout: float | None = None, sample_timeout: float | None = None,
+            auto_budget: float | None = None) -> dict[str, Any]:
     """Certify the ONNX file ``model`` on ``data`` (an .npz or any form of
     :func:`certonnx.data.load_data`, split ``split``): the ``certonnx certify`` report.
 
@@ -214,7 +215,11 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
     ``report["per_sample"]``: each sample's status per norm (verified / falsified / unknown), its
     clean correctness and prediction, in data order (bound methods; not with ``lipschitz``).
     ``timeout``: seconds for the bound passes of the whole run (see
-    :func:`certonnx.certify.core.certify_dataset`; the radius search is not limited by it).
+    :func:`certonnx.certify.core.certify_dataset`; the radius search is not limited by it);
+    ``sample_timeout``: seconds per sample for the bound passes of each batch. ``auto_budget``
+    (``method="auto"`` only; default :data:`~certonnx.certify.core.AUTO_BUDGET`): crown and
+    alpha-crown run on a batch only while the estimated work stays within this multiple of a
+    crown-ibp run's (``math.inf``: the full cascade).
     """
     import torch
 
@@ -228,6 +233,14 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
         raise ConfigError(f"{method!r} is not one of {', '.join(choices)}", "--method")
     if timeout is not None and not timeout > 0:
         raise ConfigError("must be a positive number of seconds", "--timeout")
+    if sample_timeout is not None and not sample_timeout > 0:
+        raise ConfigError("must be a positive number of seconds", "--sample-timeout")
+    if auto_budget is not None:
+        if method != "auto":
+            raise ConfigError(f"applies to --method auto only (got --method {method})", "--auto-budget")
+        if not auto_budget >= 1:  # also NaN
+            raise ConfigError("must be at least 1 (a multiple of crown-ibp's work; inf = the whole cascade)",
+                              "--auto-budget")
     if per_sample and method == "lipschitz":
         raise ConfigError("needs a bound method (lipschitz gives per-sample radii: use --radius)", "--per-sample")
     _check_mean_std(mean, std)
@@ -262,7 +275,8 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
         res = certify_dataset(cm, x, y, norms, method, batch_size=batch_size, pgd_steps=pgd_steps,
                               pgd_restarts=pgd_restarts, device=dev, progress=progress, onnx_path=model,
                               max_memory=max_memory, seed=seed, ort_inputs=stored, per_sample=per_sample,
-                              timeout=timeout)
+                              timeout=timeout, sample_timeout=sample_timeout,
+                              **({} if auto_budget is None else {"auto_budget": auto_budget}))
     res["data"] = {"path": data, "format": info["format"], "split": split, "sha256": info["sha256"],
                    "layout": info["layout"],
                    "scale": info["scale"], **({"reshaped": note} if note else {})}

@@ -358,3 +358,55 @@ def test_certify_timeout_leaves_unknown_never_a_claim(capsys: pytest.CaptureFixt
     slow = json.loads(capsys.readouterr().out)
     assert not slow["timeout"]["reached"] and slow["certified_accuracy"] == full["certified_accuracy"]
     assert main([*base, "--timeout", "0"]) == 2 and "--timeout" in capsys.readouterr().err
+
+
+def test_certify_sample_timeout_cuts_each_batch(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--sample-timeout``: each batch's bound passes get SECONDS × its size; a tiny value stops
+    every batch after its first pass (never a claim), a generous one changes nothing."""
+    base = ["certify", MLP, "--data", DATA, "--n", "16", "--norm", "linf:0.02", "--pgd-steps", "2",
+            "--batch-size", "8", "--json", "-"]
+    assert main(base) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert main([*base, "--sample-timeout", "1e-12"]) == 0
+    cut = json.loads(capsys.readouterr().out)
+    assert cut["timeout"]["reached"] and cut["timeout"]["per_sample_seconds"] == 1e-12
+    assert cut["certified_accuracy"]["linf"] == 0.0 and cut["timeout"]["cut_short"] > 0
+    assert main([*base, "--sample-timeout", "600"]) == 0
+    slow = json.loads(capsys.readouterr().out)
+    assert not slow["timeout"]["reached"] and slow["certified_accuracy"] == full["certified_accuracy"]
+    assert main([*base, "--sample-timeout", "-1"]) == 2 and "--sample-timeout" in capsys.readouterr().err
+
+
+def test_auto_budget_skips_expensive_crown_on_a_conv_net(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--method auto`` runs CROWN on a conv net only within its work budget (CROWN costs
+    hundreds of CROWN-IBP passes there); ``--auto-budget inf`` runs the whole cascade, which
+    can only certify more; the skipped samples are counted, never claimed."""
+    base = ["certify", "tests/fixtures/mnist_cnn_trained.onnx", "--data", DATA, "--n", "6", "--norm", "l2:0.5",
+            "--pgd-steps", "2", "--json", "-"]
+    assert main(base) == 0
+    cheap = json.loads(capsys.readouterr().out)
+    open_ = cheap["status_counts"]["l2"]["unknown"]
+    assert open_ > 0, "the fixture needs open samples at this radius"
+    assert cheap["auto"]["budget"] == core.AUTO_BUDGET
+    assert cheap["auto"]["skipped"]["l2"]["crown"] == open_ and cheap["per_method"]["l2"]["crown"] == 0
+    assert main([*base, "--auto-budget", "inf"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["auto"]["skipped"]["l2"] == {m: 0 for m in core.AUTO_CASCADE}
+    assert full["certified_accuracy"]["l2"] >= cheap["certified_accuracy"]["l2"]
+    assert main([*base, "--auto-budget", "0.5"]) == 2 and "--auto-budget" in capsys.readouterr().err
+    assert main([*base, "--method", "crown", "--auto-budget", "8"]) == 2
+
+
+def test_auto_budget_keeps_cheap_crown_on_an_mlp() -> None:
+    """On a small MLP CROWN fits the default budget (with the default attack, part of the
+    budget's base), so auto still uses it (an estimate, not a clock)."""
+    import math
+
+    m = certonnx.load(MLP)
+    d = np.load(DATA)
+    x = torch.tensor(d["x_test"][:32], dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    y = torch.tensor(d["y_test"][:32]).long()
+    r = certify_dataset(m, x, y, {"l2": 0.5}, "auto", progress=False)
+    full = certify_dataset(m, x, y, {"l2": 0.5}, "auto", progress=False, auto_budget=math.inf)
+    assert r["auto"]["skipped"]["l2"]["crown"] == 0 and r["per_method"]["l2"]["crown"] > 0
+    assert r["per_method"]["l2"]["crown"] == full["per_method"]["l2"]["crown"]

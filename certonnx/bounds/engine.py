@@ -467,6 +467,46 @@ class BoundedModule:
         return r is not None and not r.affine
 
     # -- public API --------------------------------------------------------------------------
+    def pass_cost(self, inset: InputSet, method: str, spec: int, alpha_steps: int = 20) -> float:
+        """Estimated work of ``compute(inset, method)`` with ``spec`` rows, in forward passes
+        of one sample (summed over the batch), so that a caller can decide *before* running a
+        method whether it fits a budget (``certify --method auto``). Deterministic: it depends
+        on the model, the set and the IBP stability of its neurons, not on the machine.
+
+        Model: a bound matrix row pulled back from node ``v`` costs about the number of
+        elements of the nodes before ``v`` (the forward pass up to ``v``). CROWN-IBP pulls
+        back ``spec`` rows from the output; CROWN adds, for every relaxed node, one row per
+        neuron that IBP leaves unstable in any sample of the batch (what
+        :meth:`_crown_intermediate` tightens; an overestimate, since tightening a layer
+        settles neurons of the later ones); α-CROWN adds ``alpha_steps`` final passes with
+        their gradient (≈ 3 passes each). Measured against wall time in docs/benchmarks.md."""
+        method = method.lower().replace("_", "-")
+        ctx = self.ibp_pass(inset)
+        B = inset.batch
+        prefix: dict[fx.Node, int] = {}
+        total = int(inset.x[0].numel())
+        for node in self.pert:
+            v = ctx.values.get(node)
+            if isinstance(v, Interval):
+                total += int(v.lower[0].numel())
+            prefix[node] = total
+        forward = float(total)
+        if method == "ibp":
+            return 2.0 * B
+        cost = B * (2.0 + spec)
+        if method == "crown-ibp":
+            return cost
+        for node in self.relaxed_inputs:
+            if node is self.input_node:
+                continue
+            itv = _interval(ctx.values[node])
+            lo, hi = itv.lower.reshape(B, -1), itv.upper.reshape(B, -1)
+            rows = int(((lo < 0) & (hi > 0)).any(0).sum()) if self._only_relu_users(node) else lo.shape[1]
+            cost += B * rows * prefix[node] / forward
+        if method == "alpha-crown":
+            cost += B * 3.0 * spec * alpha_steps
+        return cost
+
     def estimate_memory(self, batch: int, method: str, spec: int = 10) -> int:
         """Rough peak bytes of a bound pass (float32), used for the fallback cascade."""
         if not self._shapes_known:

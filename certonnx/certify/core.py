@@ -11,13 +11,20 @@ Per norm and sample the status is one of
   ``ort_disagreements``).
 
 ``method="auto"`` runs the cascade ibp -> crown-ibp -> crown -> alpha-crown and sends only the
-samples still unknown to the next (more expensive) method, batched by masking. The invariant
+samples still unknown to the next (more expensive) method, batched by masking. The later two
+run on a batch only while the estimated work of everything done for it stays within
+``auto_budget`` × that of ``method="crown-ibp"`` (attack included; the estimate is
+:meth:`~certonnx.bounds.engine.BoundedModule.pass_cost`, deterministic, not a clock), so the
+default stays close to CROWN-IBP's time on nets where CROWN is expensive (conv nets) and
+still uses CROWN where it is cheap; ``auto_budget=math.inf`` always runs the whole cascade.
+The report counts the samples each method was skipped for (``auto.skipped``). The invariant
 certified <= pgd accuracy <= clean accuracy holds by construction, and a sample that is both
 verified and broken by PGD raises an internal error (a bug, never reported as verified).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -34,6 +41,8 @@ from certonnx.certify.ort_check import OrtRunner, check_clean_predictions, guard
 from certonnx.errors import CertonnxError
 
 AUTO_CASCADE = ("ibp", "crown-ibp", "crown", "alpha-crown")
+#: default work budget of ``method="auto"``, in multiples of a ``crown-ibp`` run's work
+AUTO_BUDGET = 4.0
 STATUSES = ("verified", "falsified", "unknown")
 
 
@@ -96,6 +105,8 @@ def certify_dataset(
     per_sample: bool = False,
     ort_inputs: np.ndarray | torch.Tensor | None = None,
     timeout: float | None = None,
+    sample_timeout: float | None = None,
+    auto_budget: float = AUTO_BUDGET,
 ) -> dict[str, Any]:
     """Certify ``x, y`` (raw inputs, labels) for every ``{norm: eps}``; see the module docstring.
 
@@ -113,7 +124,12 @@ def certify_dataset(
     ``timeout`` (seconds, whole call): once it has passed, no further bound pass starts; the
     samples not verified by then stay ``unknown`` (never a claim), attacks still run, and the
     report says for how many (sample, norm) pairs the remaining bound methods did not run
-    (``timeout.cut_short``).
+    (``timeout.cut_short``). ``sample_timeout`` (seconds per sample): the bound passes of a
+    batch get ``sample_timeout`` × its size; once they are spent, no further method starts on
+    that batch (a pass already running is not interrupted) and its open samples count in
+    ``timeout.cut_short`` in the same way.
+
+    ``auto_budget``: see the module docstring (only with ``method="auto"``).
     """
     t0 = time.monotonic()
     deadline = t0 + timeout if timeout is not None else None
@@ -121,6 +137,8 @@ def certify_dataset(
     method = method.lower().replace("_", "-")
     if method != "auto" and method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
+    if not auto_budget >= 1.0:
+        raise ValueError(f"auto_budget must be at least 1 (got {auto_budget})")
     cascade = AUTO_CASCADE if method == "auto" else (method,)
     dev, module, sample_shape, domain, was_training = prepare_model(model, x, device)
     n = int(x.shape[0])
@@ -163,6 +181,7 @@ def certify_dataset(
                 broken = ~correct.clone()  # torch says: a point of the set is misclassified
                 verified = torch.zeros(n, dtype=torch.bool)
                 counts = {m: 0 for m in cascade}
+                budget_skips = {m: 0 for m in cascade}
                 seconds = {"attack": 0.0, **{m: 0.0 for m in cascade}}
                 adv_all = x.clone()
                 for sl in _batches(n, batch_size):
@@ -187,15 +206,28 @@ def certify_dataset(
                     # 2. bounds: first method on every correct sample (cross-checks the attack),
                     #    later methods only on those still open
                     todo = cb.clone().cpu()
+                    t_batch = time.monotonic()
+                    nb = sl.stop - sl.start
+                    # work of a crown-ibp run on this batch (attack, ibp, crown-ibp), pass_cost units
+                    work_base = nb * (3.0 * pgd_steps * pgd_restarts + 2.0) + nb * (2.0 + K - 1)
+                    work = 0.0
                     for k, meth in enumerate(cascade):
                         if k > 0:
                             todo = todo & ~broken[sl] & ~verified[sl]
                         if not bool(todo.any()):
                             break
-                        if deadline is not None and time.monotonic() > deadline:
+                        if (deadline is not None and time.monotonic() > deadline) or (
+                                sample_timeout is not None and time.monotonic() - t_batch > sample_timeout * nb):
                             skipped += int(todo.sum())
                             break
                         idx = torch.nonzero(todo).flatten()
+                        if method == "auto" and meth in ("crown", "alpha-crown") and math.isfinite(auto_budget):
+                            est = bm.pass_cost(InputSet(xb[idx.to(dev)], eps, norm=norm, domain=domain), meth,
+                                               K - 1, alpha_steps)
+                            if work_base + work + est > auto_budget * work_base:
+                                budget_skips[meth] += int(idx.numel())
+                                continue
+                            work += est
                         t_meth = time.monotonic()
                         ok, used = _bound_verified(bm, xb[idx.to(dev)], yb[idx.to(dev)], eps, norm, domain, K,
                                                    meth, max_memory, alpha_steps, mem_warnings, head=head)
@@ -229,6 +261,7 @@ def certify_dataset(
                     "verified": verified,
                     "broken": broken,
                     "counts": counts,
+                    "budget_skips": budget_skips,
                     "seconds": {k: round(v, 3) for k, v in seconds.items()},
                     "ort_disagreements": int(cand.numel() - int(confirmed.sum())),
                 }
@@ -266,8 +299,12 @@ def certify_dataset(
     }
     if clean_check is not None:
         res["ort_clean_check"] = clean_check
-    if timeout is not None:
-        res["timeout"] = {"seconds": float(timeout), "reached": skipped > 0, "cut_short": skipped}
+    if method == "auto":
+        res["auto"] = {"budget": auto_budget, "skipped": {k: v["budget_skips"] for k, v in per_norm.items()}}
+    if timeout is not None or sample_timeout is not None:
+        res["timeout"] = {"seconds": None if timeout is None else float(timeout),
+                          "per_sample_seconds": None if sample_timeout is None else float(sample_timeout),
+                          "reached": skipped > 0, "cut_short": skipped}
     if mem_warnings:
         res["warnings"] = sorted(set(mem_warnings))
     for k in res["certified_accuracy"]:

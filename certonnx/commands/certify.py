@@ -56,13 +56,20 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> in
                    "any case).")
 @bound_method_option(before=("auto",), after=("lipschitz",), default="auto",
                      help="Bound method; auto = ibp -> crown-ibp -> crown -> alpha-crown, each only on samples "
-                          "still open.")
+                          "still open, crown and alpha-crown only within --auto-budget.")
+@click.option("--auto-budget", type=float, default=None, metavar="X",
+              help="With --method auto: run crown / alpha-crown on a batch only while the estimated work stays "
+                   "within X × that of --method crown-ibp (attack included) [default: 4; inf = the whole "
+                   "cascade]. The estimate is deterministic (model size and unstable neurons), not a clock.")
 @json_file_option("Write the result as JSON to OUT ('-' = stdout; the table then goes to stderr).")
 @click.option("--radius", is_flag=True, help="Also compute per-sample certified radii, ACR and the ε curve "
               "(bound method: --method, crown-ibp for auto).")
 @click.option("--timeout", type=float, default=None, metavar="SECONDS",
               help="Stop starting bound passes after SECONDS (whole run); samples not verified by then are "
                    "reported unknown, never as a claim. Not applied to --radius.")
+@click.option("--sample-timeout", type=float, default=None, metavar="SECONDS",
+              help="Seconds per sample for the bound passes: a batch of B samples gets B × SECONDS; no further "
+                   "method starts on it after that (its open samples stay unknown).")
 @click.option("--per-sample", is_flag=True, help="Add each sample's status per norm (verified / falsified / "
               "unknown), correctness and prediction to the JSON, in data order.")
 @click.option("--eps-max", default=None, metavar="EPS|NORM:EPS,...",
@@ -133,6 +140,17 @@ def _table(console: Any, res: dict[str, Any], model: str) -> None:
     dis = sum(res["ort_disagreements"].values())
     if dis:
         console.print(f"[yellow]{dis} PGD counterexample(s) not confirmed by onnxruntime: counted as unknown.[/]")
+    auto = res.get("auto")
+    if auto:
+        skip = {m: sum(v.get(m, 0) for v in auto["skipped"].values()) for m in ("crown", "alpha-crown")}
+        if any(skip.values()):
+            said = ", ".join(f"{m} on {k}" for m, k in skip.items() if k)
+            console.print(f"auto: skipped {said} open sample·norm pair(s), over the work budget "
+                          f"({auto['budget']:g} × crown-ibp); --auto-budget inf runs the whole cascade.")
+    cut = res.get("timeout")
+    if cut and cut["reached"]:
+        console.print(f"[yellow]timeout:[/] the bound methods did not finish for {cut['cut_short']} "
+                      "sample·norm pair(s) (reported unknown).")
     for w in res.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}")
     console.print(f"{res['seconds']:.1f}s" + (f"; model with certificate written to {res['output']}"
