@@ -202,7 +202,8 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
             pgd_restarts: int = 1, seed: int = 0, progress: bool = False, echo: Echo | None = None,
             extra_outputs: Mapping[str, str | None] | None = None, per_sample: bool = False,
             timeout: float | None = None, sample_timeout: float | None = None,
-            auto_budget: float | None = None) -> dict[str, Any]:
+            auto_budget: float | None = None, backend: str = "certonnx",
+            cross_check: bool = False) -> dict[str, Any]:
     """Certify the ONNX file ``model`` on ``data`` (an .npz or any form of
     :func:`certonnx.data.load_data`, split ``split``): the ``certonnx certify`` report.
 
@@ -219,7 +220,9 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
     ``sample_timeout``: seconds per sample for the bound passes of each batch. ``auto_budget``
     (``method="auto"`` only; default :data:`~certonnx.certify.core.AUTO_BUDGET`): crown and
     alpha-crown run on a batch only while the estimated work stays within this multiple of a
-    crown-ibp run's (``math.inf``: the full cascade).
+    crown-ibp run's (``math.inf``: the full cascade). ``backend="auto_lirpa"`` bounds with an
+    installed auto_LiRPA on the same imported graph; ``cross_check`` runs it beside certonnx's
+    engine and fails where certonnx claims more (:mod:`certonnx.bounds.auto_lirpa`).
     """
     import torch
 
@@ -235,6 +238,22 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
         raise ConfigError("must be a positive number of seconds", "--timeout")
     if sample_timeout is not None and not sample_timeout > 0:
         raise ConfigError("must be a positive number of seconds", "--sample-timeout")
+    backend = backend.lower().replace("-", "_")
+    if backend not in ("certonnx", "auto_lirpa"):
+        raise ConfigError(f"{backend!r} is not one of certonnx, auto_lirpa", "--backend")
+    if backend != "certonnx" or cross_check:
+        flag = "--cross-check" if cross_check else "--backend"
+        if method == "lipschitz":
+            raise ConfigError("needs a bound method (auto_LiRPA has no Lipschitz certificate)", flag)
+        if cross_check and backend != "certonnx":
+            raise ConfigError("compares certonnx's engine with auto_LiRPA: use it with --backend certonnx",
+                              "--cross-check")
+        from certonnx.bounds.auto_lirpa import INSTALL_HINT, available
+
+        if available() is None:
+            raise ConfigError(INSTALL_HINT, flag)
+        if any(k not in ("linf", "l2") for k in norms):
+            raise ConfigError("auto_LiRPA is used for linf and l2 only", flag)
     if auto_budget is not None:
         if method != "auto":
             raise ConfigError(f"applies to --method auto only (got --method {method})", "--auto-budget")
@@ -270,13 +289,14 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
         res = certify_lipschitz(cm, x, y, norms, batch_size=batch_size, pgd_steps=pgd_steps,
                                 pgd_restarts=pgd_restarts, device=dev, seed=seed, onnx_path=model, ort_inputs=stored)
     else:
-        from certonnx.certify.core import certify_dataset
+        from certonnx.certify.core import AUTO_BUDGET, certify_dataset
 
         res = certify_dataset(cm, x, y, norms, method, batch_size=batch_size, pgd_steps=pgd_steps,
                               pgd_restarts=pgd_restarts, device=dev, progress=progress, onnx_path=model,
                               max_memory=max_memory, seed=seed, ort_inputs=stored, per_sample=per_sample,
-                              timeout=timeout, sample_timeout=sample_timeout,
-                              **({} if auto_budget is None else {"auto_budget": auto_budget}))
+                              timeout=timeout, sample_timeout=sample_timeout, backend=backend,
+                              cross_check=cross_check,
+                              auto_budget=AUTO_BUDGET if auto_budget is None else auto_budget)
     res["data"] = {"path": data, "format": info["format"], "split": split, "sha256": info["sha256"],
                    "layout": info["layout"],
                    "scale": info["scale"], **({"reshaped": note} if note else {})}
@@ -325,7 +345,9 @@ def _export_certified(cm: CertModel, res: dict[str, Any], info: dict[str, Any], 
 
     cert = certificate_from_result(
         res, dataset_sha256=info["sha256"],
-        verifier=f"certonnx certify ({res['method']}; counterexamples checked with {res['falsification_check']})",
+        verifier=f"certonnx certify ({res['method']}"
+                 + (f", bounds by auto_LiRPA {res['backend']['version']}" if "backend" in res else "")
+                 + f"; counterexamples checked with {res['falsification_check']})",
         extra={"data": res["data"], "per_method": res["per_method"], "status_counts": res["status_counts"]},
     )
     certonnx.export(cm, output, certificate=cert)

@@ -43,6 +43,8 @@ from certonnx.errors import CertonnxError
 AUTO_CASCADE = ("ibp", "crown-ibp", "crown", "alpha-crown")
 #: default work budget of ``method="auto"``, in multiples of a ``crown-ibp`` run's work
 AUTO_BUDGET = 4.0
+#: bound engines: certonnx's own, or an installed auto_LiRPA on the same graph
+BACKENDS = ("certonnx", "auto_lirpa")
 STATUSES = ("verified", "falsified", "unknown")
 
 
@@ -107,6 +109,8 @@ def certify_dataset(
     timeout: float | None = None,
     sample_timeout: float | None = None,
     auto_budget: float = AUTO_BUDGET,
+    backend: str = "certonnx",
+    cross_check: bool = False,
 ) -> dict[str, Any]:
     """Certify ``x, y`` (raw inputs, labels) for every ``{norm: eps}``; see the module docstring.
 
@@ -130,6 +134,12 @@ def certify_dataset(
     ``timeout.cut_short`` in the same way.
 
     ``auto_budget``: see the module docstring (only with ``method="auto"``).
+
+    ``backend="auto_lirpa"`` bounds the margins with an installed auto_LiRPA on the same graph
+    (no float-rounding allowance: see :mod:`certonnx.bounds.auto_lirpa`); ``cross_check``
+    also runs auto_LiRPA beside certonnx's engine on every batch and method and raises
+    :class:`~certonnx.bounds.auto_lirpa.CrossCheckError` where certonnx's lower bound exceeds
+    the best of auto_LiRPA's beyond float tolerance (``report["cross_check"]`` otherwise).
     """
     t0 = time.monotonic()
     deadline = t0 + timeout if timeout is not None else None
@@ -139,11 +149,19 @@ def certify_dataset(
         raise ValueError(f"unknown method {method!r}")
     if not auto_budget >= 1.0:
         raise ValueError(f"auto_budget must be at least 1 (got {auto_budget})")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (expected one of {BACKENDS})")
     cascade = AUTO_CASCADE if method == "auto" else (method,)
     dev, module, sample_shape, domain, was_training = prepare_model(model, x, device)
     n = int(x.shape[0])
     gen = torch.Generator().manual_seed(seed)
     bm = BoundedModule(module, sample_shape)
+    lirpa = None
+    xcheck: dict[str, dict[str, Any]] = {}
+    if backend == "auto_lirpa" or cross_check:
+        from certonnx.bounds.auto_lirpa import AutoLirpaBounds
+
+        lirpa = AutoLirpaBounds(module, sample_shape, dev)
     # a final softmax set aside at import: margins must also survive its float rounding
     head = getattr(model, "head", None)
 
@@ -230,7 +248,9 @@ def certify_dataset(
                             work += est
                         t_meth = time.monotonic()
                         ok, used = _bound_verified(bm, xb[idx.to(dev)], yb[idx.to(dev)], eps, norm, domain, K,
-                                                   meth, max_memory, alpha_steps, mem_warnings, head=head)
+                                                   meth, max_memory, alpha_steps, mem_warnings, head=head,
+                                                   lirpa=lirpa, use_lirpa=backend == "auto_lirpa",
+                                                   xcheck=xcheck if cross_check else None)
                         v_sl = verified[sl].clone()
                         newly = ok.cpu() & ~v_sl[idx]
                         counts[meth] += int(newly.sum())
@@ -299,6 +319,14 @@ def certify_dataset(
     }
     if clean_check is not None:
         res["ort_clean_check"] = clean_check
+    if backend != "certonnx":
+        from certonnx.bounds.auto_lirpa import available
+
+        res["backend"] = {"name": backend, "version": available(),
+                          "note": "bounds without float32 rounding allowances (exact arithmetic on the float32 "
+                                  "weights); L2 over the ball alone"}
+    if cross_check:
+        res["cross_check"] = xcheck
     if method == "auto":
         res["auto"] = {"budget": auto_budget, "skipped": {k: v["budget_skips"] for k, v in per_norm.items()}}
     if timeout is not None or sample_timeout is not None:
@@ -375,22 +403,71 @@ def _bound_verified(
     warn_log: list[str],
     *,
     head: Any = None,
+    lirpa: Any = None,
+    use_lirpa: bool = False,
+    xcheck: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[torch.Tensor, str]:
     """Verified mask for one batch; falls back to cheaper methods (warning) over the budget.
     With a softmax ``head`` the margins must exceed its rounding threshold
-    (:func:`certonnx.certify.head.margins_certify`)."""
+    (:func:`certonnx.certify.head.margins_certify`). ``lirpa``: an auto_LiRPA engine, which bounds
+    the margins with ``use_lirpa``; ``xcheck``: compare certonnx's bounds with it (accumulated
+    per norm and method)."""
     used = method
+    s = InputSet(x, eps, norm=norm, domain=domain)
+    C = margin_matrix(y, K)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        s = InputSet(x, eps, norm=norm, domain=domain)
-        C = margin_matrix(y, K)
-        with torch.no_grad():
-            lb, _ = bm.compute(s, C=C, method=method, upper=False, alpha_steps=alpha_steps, max_memory=max_memory)
+        if not use_lirpa:
+            with torch.no_grad():
+                lb, _ = bm.compute(s, C=C, method=method, upper=False, alpha_steps=alpha_steps,
+                                   max_memory=max_memory)
+    # auto_LiRPA's own warnings (graph tracing) are its business, not the report's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if use_lirpa:
+            lb = lirpa.compute(s, C, method, alpha_steps=alpha_steps)
+        if xcheck is not None:
+            _cross_check(bm, lirpa, s, C, method, alpha_steps, xcheck)
     for w in caught:
         warn_log.append(str(w.message))
     from certonnx.certify.head import margins_certify
 
     return margins_certify(bm, lb.detach().amin(1), x, eps, norm, domain, head), used
+
+
+def _cross_check(bm: BoundedModule, lirpa: Any, s: InputSet, C: torch.Tensor, method: str, alpha_steps: int,
+                 log: dict[str, dict[str, Any]]) -> None:
+    """certonnx's ``method`` bound against the best of auto_LiRPA's reference methods on the same
+    set (L2: the ball alone on both sides); raise on a bound tighter than auto_LiRPA's."""
+    from certonnx.bounds.auto_lirpa import ESCALATE, INFORMATIONAL, REFERENCES, CrossCheckError, cross_check
+
+    same = s if s.norm == "linf" else InputSet(s.x, s.eps, norm=s.norm, domain=None)
+    with torch.no_grad():
+        ours, _ = bm.compute(same, C=C, method=method, upper=False, alpha_steps=alpha_steps)
+    refs = {m: lirpa.compute(same, C, m, alpha_steps=alpha_steps) for m in REFERENCES[method]}
+    got = cross_check(ours, refs)
+    key = f"{s.norm}/{method}"
+    acc = log.setdefault(key, {"pairs": 0, "disagreements": 0, "max_tighter": 0.0, "max_looser": 0.0,
+                               "reference": list(REFERENCES[method]), "escalated": 0,
+                               "informational": method in INFORMATIONAL})
+    failed = ""
+    if got["disagreements"] and ESCALATE not in refs and method not in INFORMATIONAL:
+        acc["escalated"] += 1
+        try:
+            refs[ESCALATE] = lirpa.compute(same, C, ESCALATE, alpha_steps=max(alpha_steps, 20))
+            got = cross_check(ours, refs)
+        except CertonnxError as e:
+            failed = f"; {e}"
+    acc["pairs"] += got["pairs"]
+    acc["disagreements"] += got["disagreements"]
+    acc["max_tighter"] = max(acc["max_tighter"], got["tighter"])
+    acc["max_looser"] = max(acc["max_looser"], got["looser"])
+    if got["disagreements"] and method not in INFORMATIONAL:
+        raise CrossCheckError(
+            f"cross-check failed: certonnx's {method} lower bound exceeds the best of auto_LiRPA's "
+            f"({', '.join(refs)}) by {got['tighter']:.3g} beyond tolerance on "
+            f"{got['disagreements']} margin(s) ({s.norm}){failed}; this may be a soundness bug in certonnx, no result "
+            "is reported")
 
 
 #: seconds between two plain-text progress lines when stderr is not a terminal

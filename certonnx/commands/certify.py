@@ -67,6 +67,11 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> in
 @click.option("--timeout", type=float, default=None, metavar="SECONDS",
               help="Stop starting bound passes after SECONDS (whole run); samples not verified by then are "
                    "reported unknown, never as a claim. Not applied to --radius.")
+@click.option("--backend", type=click.Choice(["certonnx", "auto_lirpa"], case_sensitive=False), default="certonnx",
+              show_default=True, help="Bound engine: certonnx's, or an installed auto_LiRPA (torch < 2.9) on the same "
+              "imported graph; auto_LiRPA's bounds carry no float32 rounding allowance (docs/certify.md).")
+@click.option("--cross-check", is_flag=True, help="Also run auto_LiRPA on every batch and method and fail (exit 1) "
+              "where certonnx's bound is tighter than the best of auto_LiRPA's beyond float tolerance.")
 @click.option("--sample-timeout", type=float, default=None, metavar="SECONDS",
               help="Seconds per sample for the bound passes: a batch of B samples gets B × SECONDS; no further "
                    "method starts on it after that (its open samples stay unknown).")
@@ -151,7 +156,22 @@ def _table(console: Any, res: dict[str, Any], model: str) -> None:
     if cut and cut["reached"]:
         console.print(f"[yellow]timeout:[/] the bound methods did not finish for {cut['cut_short']} "
                       "sample·norm pair(s) (reported unknown).")
+    if "backend" in res:
+        console.print(f"[yellow]bounds by auto_LiRPA {res['backend']['version']}:[/] {res['backend']['note']}.")
+    if "cross_check" in res:
+        xc = res["cross_check"]
+        parts = []
+        for k, v in xc.items():
+            if v["informational"]:
+                parts.append(f"{k}: {v['pairs']} compared only (an optimisation outcome), {v['disagreements']} "
+                             f"tighter than auto_LiRPA's, at most {v['max_looser']:.3g} looser")
+            else:
+                parts.append(f"{k}: {v['pairs']} checked, none tighter than auto_LiRPA's, at most "
+                             f"{v['max_looser']:.3g} looser")
+        console.print("cross-check with auto_LiRPA (margin lower bounds): " + "; ".join(parts) + ".")
+    from rich.markup import escape
+
     for w in res.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[yellow]warning:[/] {escape(w)}")
     console.print(f"{res['seconds']:.1f}s" + (f"; model with certificate written to {res['output']}"
                                                if "output" in res else ""))
