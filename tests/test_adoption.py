@@ -241,6 +241,41 @@ def test_keras_style_channels_last_softmax_end_to_end(tmp_path: Path, monkeypatc
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
 
 
+class _GeluTanh(nn.Module):
+    """A transformer-style MLP block: Linear, GELU (exact, erf), Linear, Tanh, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(36, 24), nn.Linear(24, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.gelu(self.fc1(x.flatten(1)))
+        return self.fc3(torch.tanh(self.fc2(h)))
+
+
+@pytest.mark.parametrize("opset", [17, 20])
+def test_gelu_and_tanh_mlp_end_to_end(opset: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """GELU exported as its Erf pattern (opset 17) and as the opset-20 ``Gelu`` op, next to
+    ``Tanh``: the whole pipeline, with every op bounded (no unsupported op in inspect)."""
+    torch.manual_seed(0)
+    path = tmp_path / "gelu_tanh.onnx"
+    torch.onnx.export(_GeluTanh().eval(), (torch.rand(1, 6, 6),), str(path), dynamo=False, opset_version=opset,
+                      input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "Tanh" in ops and ("Gelu" in ops if opset == 20 else "Erf" in ops), ops
+    out = _pipeline(tmp_path, monkeypatch, capsys, path, (6, 6), eps="0.002", n_train=16, n_test=24)
+    support = {r["op"]: r for r in out["info"]["ops"]}
+    # the file's Gelu (opset 20) or Erf pattern becomes one GELU node at import, bounded by its rule
+    assert support["Gelu (fused at import)"]["count"] == 1
+    assert support["Erf" if opset == 17 else "Gelu"]["support"] == "removed"
+    for op in ("Tanh", "Gelu (fused at import)"):
+        assert op in support and all(support[op]["support"][m] is True for m in ("ibp", "crown", "alpha-crown")), \
+            support.get(op)
+    assert out["info"]["unsupported"] == []
+
+
 def test_resnet18_cifar_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     torchvision = pytest.importorskip("torchvision")

@@ -43,6 +43,7 @@ def _support(model: Any) -> tuple[dict[str, dict[str, bool | None]] | None, dict
         op = node.meta.get("onnx_op_type")
         if op is None:
             continue
+        op = fused_name(op)
         try:
             label = node_label(node, gm)
         except Exception:  # noqa: BLE001
@@ -63,6 +64,26 @@ def _support(model: Any) -> tuple[dict[str, dict[str, bool | None]] | None, dict
     for op in model.onnx_ops:
         per_op.setdefault(op, "removed")
     return table, per_op, tuple(METHODS)
+
+
+#: suffix of the ops that import creates from a pattern of the file's ops (GELU from Erf, Mul,
+#: Add; see certonnx.io.passes), which the file itself does not name
+FUSED = " (fused at import)"
+
+
+def fused_name(op: str) -> str:
+    """The table's name of an op as import recorded it: ``com.microsoft:Gelu`` (the contrib op
+    the GELU passes emit) is ``Gelu (fused at import)``; the file's own ops keep their names."""
+    return op.split(":", 1)[1] + FUSED if op.startswith("com.microsoft:") else op
+
+
+def _fused_counts(model: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.module.graph.nodes:
+        op = node.meta.get("onnx_op_type")
+        if op is not None and fused_name(op).endswith(FUSED):
+            counts[fused_name(op)] = counts.get(fused_name(op), 0) + 1
+    return counts
 
 
 def _unsupported(per_op: dict[str, Any], table: dict[str, dict[str, bool | None]] | None) -> list[str]:
@@ -131,7 +152,8 @@ def collect(path: str, *, parity: bool = True) -> dict[str, Any]:
         "parity_max_abs_diff": model.parity_max_abs_diff,
         "import_notes": list(getattr(model.module, "meta", {}).get("certonnx_import_notes", [])),
         "ops": [
-            {"op": op, "count": cnt, "support": per_op.get(op)} for op, cnt in sorted(model.onnx_ops.items())
+            {"op": op, "count": cnt, "support": per_op.get(op)}
+            for op, cnt in sorted({**model.onnx_ops, **_fused_counts(model)}.items())
         ],
         "methods": list(methods),
         "support_table": table,
