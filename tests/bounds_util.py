@@ -15,7 +15,8 @@ TOL = 1e-5
 
 def sample_set(inset: InputSet, n: int, gen: torch.Generator) -> torch.Tensor:
     """``n`` points per sample from the set (corners and interior for L∞; sphere and interior
-    for L2), shape ``(B, n, *s)``, all inside the domain."""
+    for L2; for L1 vertices ``x ± ε·e_i``, where a linear function takes its extremes, and
+    Laplace-spread points of the ball), shape ``(B, n, *s)``, all inside the domain."""
     x = inset.x
     B = x.shape[0]
     shape = x.shape[1:]
@@ -25,6 +26,19 @@ def sample_set(inset: InputSet, n: int, gen: torch.Generator) -> torch.Tensor:
         corners = torch.rand((B, n // 2, *shape), generator=gen).round()
         u[:, : n // 2] = corners
         return lo + (hi - lo) * u
+    if inset.norm == "l1":
+        m = int(torch.tensor(shape).prod())
+        lap = torch.randn((B, n, m), generator=gen).sign() * -torch.log(torch.rand((B, n, m), generator=gen))
+        lap = lap / lap.abs().sum(2, keepdim=True)
+        verts = torch.zeros(B, n // 2, m)
+        idx = torch.randint(0, m, (B, n // 2, 1), generator=gen)
+        sgn = torch.randint(0, 2, (B, n // 2, 1), generator=gen).float() * 2 - 1
+        verts.scatter_(2, idx, sgn)
+        lap[:, : n // 2] = verts
+        r = torch.rand((B, n, 1), generator=gen)
+        r[:, : n // 2] = 1.0
+        pts = x.unsqueeze(1) + (lap * r * inset.eps.view(B, 1, 1)).view(B, n, *shape)
+        return torch.maximum(torch.minimum(pts, hi), lo)
     d = torch.randn((B, n, *shape), generator=gen)
     d = d / d.flatten(2).norm(dim=2).view(B, n, *([1] * len(shape)))
     r = torch.rand((B, n), generator=gen)
@@ -39,7 +53,13 @@ def project(inset: InputSet, xs: torch.Tensor) -> torch.Tensor:
     result stays inside the ball because clipping towards x never leaves it)."""
     x = inset.x.unsqueeze(1)
     lo, hi = inset.lower.unsqueeze(1), inset.upper.unsqueeze(1)
-    if inset.norm == "l2":
+    if inset.norm == "l1":
+        from certonnx.attacks.pgd import project_l1
+
+        B, n = xs.shape[:2]
+        d = project_l1((xs - x).reshape(B * n, *xs.shape[2:]), inset.eps.repeat_interleave(n))
+        xs = x + d.reshape(xs.shape)
+    elif inset.norm == "l2":
         d = xs - x
         nrm = d.flatten(2).norm(dim=2).clamp_min(1e-12)
         eps = inset.eps.view(-1, 1)
@@ -76,6 +96,12 @@ def pgd_extremes(fn, C: torch.Tensor, inset: InputSet, steps: int = 30, restarts
             (g,) = torch.autograd.grad(obj, xs)
             if inset.norm == "linf":
                 xs = xs - step * g.sign()
+            elif inset.norm == "l1":
+                from certonnx.attacks.pgd import l1_step
+
+                n = xs.shape[1]
+                flat = (B * n, *shape)
+                xs = xs + step * l1_step(g.reshape(flat), xs.reshape(flat), None, None).reshape(xs.shape)
             else:
                 gn = g.flatten(2).norm(dim=2).clamp_min(1e-12).view(B, -1, *([1] * len(shape)))
                 xs = xs - step * g / gn

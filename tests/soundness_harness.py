@@ -786,7 +786,7 @@ class Case:
     points_fn: Callable[[Any], torch.Tensor] | None = None
     #: a Linear/ReLU nn.Sequential equal to ``module``: compare bounds with the exact MILP optimum
     milp_net: nn.Module | None = None
-    norms: tuple[str, ...] = ("linf", "l2")
+    norms: tuple[str, ...] = ("linf", "l2", "l1")  # those of them with an ε in ``eps``
     #: a hand-written ONNX file (family ``onnx_raw``): used instead of exporting ``module`` (None)
     onnx: bytes | None = None
 
@@ -849,7 +849,7 @@ def _finish(r: Rng, family: str, seed: int, blocks: list[Block], extra: str = ""
     mod = _chain(blocks).eval()
     batch = 2 if r.coin(0.15) else 1  # a batch of two exercises the engine's per-sample bookkeeping
     x = torch.cat([_center(r, shape, domain) for _ in range(batch)], 0)
-    eps: dict[str, Any] = {"linf": r.logu(1e-3, 0.5), "l2": r.logu(1e-2, 2.0)}
+    eps: dict[str, Any] = {"linf": r.logu(1e-3, 0.5), "l2": r.logu(1e-2, 2.0), "l1": r.logu(1e-2, 4.0)}
     if r.coin(0.1):  # a (nearly) single-point set: the bounds are then all rounding allowance
         eps = {n: r.choice([0.0, 1e-7, 1e-5]) for n in eps}
     if batch == 2 and r.coin(0.5):  # per-sample radii
@@ -1724,6 +1724,23 @@ def sample_points(inset: Any, n: int, gen: torch.Generator) -> torch.Tensor:
         u[q:2 * q] = m
         return lo + (hi - lo) * u
     eps = float(inset.eps[0])
+    if inset.norm == "l1":
+        # half vertices x ± eps e_i (where linear functions take their extremes), then points
+        # between two vertices, then Laplace-spread points of the ball; clipped to the domain
+        g = torch.zeros((n, d))
+        h = n // 2
+        g[torch.arange(h), torch.randint(0, d, (h,), generator=gen)] = torch.where(
+            torch.rand(h, generator=gen) < 0.5, -1.0, 1.0)
+        q = n // 4
+        t = torch.rand(q, generator=gen)
+        g[h:h + q, :] = 0.0
+        g[torch.arange(h, h + q), torch.randint(0, d, (q,), generator=gen)] += t
+        g[torch.arange(h, h + q), torch.randint(0, d, (q,), generator=gen)] -= 1 - t
+        lap = torch.randn((n - h - q, d), generator=gen).sign() * -torch.log(torch.rand((n - h - q, d), generator=gen))
+        g[h + q:] = lap / lap.abs().sum(1, keepdim=True) * torch.rand(n - h - q, 1, generator=gen)
+        g = g / g.abs().sum(1, keepdim=True).clamp(min=1.0)
+        pts = x + (eps * (1 - 1e-6)) * g.view(n, *s)
+        return torch.maximum(torch.minimum(pts, hi), lo)
     g = torch.randn((n, d), generator=gen)
     g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
     rad = torch.rand(n, 1, generator=gen) ** (1.0 / max(d, 1))
@@ -1743,9 +1760,14 @@ def sample_points(inset: Any, n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def project(inset: Any, xs: torch.Tensor) -> torch.Tensor:
-    """Project points ``(n, *s)`` onto the set: the ball (L2), then the domain box."""
+    """Project points ``(n, *s)`` onto the set: the ball (L2, L1), then the domain box."""
     x, lo, hi = inset.x[:1], inset.lower[:1], inset.upper[:1]
-    if inset.norm == "l2":
+    if inset.norm == "l1":
+        from certonnx.attacks.pgd import project_l1
+
+        e = torch.full((xs.shape[0],), float(inset.eps[0]) * (1 - 1e-6))
+        xs = x + project_l1(xs - x, e)
+    elif inset.norm == "l2":
         dlt = (xs - x).flatten(1)
         nrm = dlt.norm(dim=1, keepdim=True).clamp_min(1e-12)
         fac = torch.clamp(float(inset.eps[0]) * (1 - 1e-7) / nrm, max=1.0)
@@ -1784,7 +1806,7 @@ def pgd_points(fn: Callable[[torch.Tensor], torch.Tensor], insets: list[Any], ou
     vanishes (dead ReLUs, flat clips). Returns, per set, all iterates
     ``((steps + 1) * 4 * len(outs), *s)``."""
     k = outs.numel()
-    starts, centre, lo, hi, step, eps, l2 = [], [], [], [], [], [], []
+    starts, centre, lo, hi, step, eps, l2, l1 = [], [], [], [], [], [], [], []
     for inset in insets:
         n = 4 * k
         starts.append(torch.cat([inset.x[:1].expand(2 * k, *inset.x.shape[1:]), sample_points(inset, 2 * k, gen)], 0))
@@ -1795,9 +1817,10 @@ def pgd_points(fn: Callable[[torch.Tensor], torch.Tensor], insets: list[Any], ou
         step.append(torch.full((n, 1), max(2.5 * e / steps, 1e-6)))
         eps.append(torch.full((n, 1), e * (1 - 1e-7)))
         l2.append(torch.full((n, 1), inset.norm == "l2"))
+        l1.append(torch.full((n, 1), inset.norm == "l1"))
     X = torch.cat(starts, 0)
     C, LO, HI = (torch.cat(t, 0).flatten(1) for t in (centre, lo, hi))
-    STEP, EPS, L2 = torch.cat(step, 0), torch.cat(eps, 0), torch.cat(l2, 0)
+    STEP, EPS, L2, L1 = torch.cat(step, 0), torch.cat(eps, 0), torch.cat(l2, 0), torch.cat(l1, 0)
     sign = torch.tensor([1.0, -1.0]).repeat_interleave(k).repeat(2 * len(insets))
     coord = outs.repeat(4 * len(insets))
     hist = [X.clone()]
@@ -1813,10 +1836,17 @@ def pgd_points(fn: Callable[[torch.Tensor], torch.Tensor], insets: list[Any], ou
             gf = gf.clone()
             gf[flat] = torch.randn((int(flat.sum()), gf.shape[1]), generator=gen)
         d = torch.where(L2, gf / gf.norm(dim=1, keepdim=True).clamp_min(1e-30), gf.sign())
+        # L1: steepest ascent moves the one coordinate of largest |gradient|
+        top = gf.abs().argmax(1, keepdim=True)
+        d = torch.where(L1, torch.zeros_like(gf).scatter(1, top, gf.gather(1, top).sign()), d)
         Z = X.flatten(1) + STEP * d
         dz = Z - C  # L2: back into the ball, then (all) the domain box, which keeps it in the ball
         fac = torch.clamp(EPS / dz.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)
         Z = torch.where(L2, C + dz * fac, Z)
+        if bool(L1.any()):
+            from certonnx.attacks.pgd import project_l1
+
+            Z = torch.where(L1, C + project_l1(dz, EPS.squeeze(1)), Z)
         X = torch.maximum(torch.minimum(Z, HI), LO).view_as(X).detach()
         hist.append(X.clone())
     H = torch.stack(hist, 0)  # (steps+1, P, *s)
@@ -1825,6 +1855,8 @@ def pgd_points(fn: Callable[[torch.Tensor], torch.Tensor], insets: list[Any], ou
 
 def _dist(inset: Any, X: torch.Tensor) -> torch.Tensor:
     d = (X - inset.x[:1]).flatten(1).double()
+    if inset.norm == "l1":
+        return d.abs().sum(1)
     return d.norm(dim=1) if inset.norm == "l2" else d.abs().amax(1)
 
 
@@ -1835,6 +1867,10 @@ def _gradient_points(fn: Callable[[torch.Tensor], torch.Tensor], inset: Any, k: 
     if inset.norm == "linf":
         D = J.sign()
         step = float(inset.eps[0])
+    elif inset.norm == "l1":  # the vertex ± eps e_j at the largest |∂f/∂x_j|
+        top = J.abs().argmax(1, keepdim=True)
+        D = torch.zeros_like(J).scatter(1, top, J.gather(1, top).sign())
+        step = float(inset.eps[0]) * (1 - 1e-6)
     else:
         D = J / J.norm(dim=1, keepdim=True).clamp_min(1e-30)
         step = float(inset.eps[0]) * (1 - 1e-6)
@@ -1963,8 +1999,9 @@ def _run(case: Case, workdir: Path, cfg: Config, res: CaseResult) -> None:
     B = x.shape[0]
     # the engine bounds the whole batch at once (per-sample eps included); the points are drawn
     # and checked per sample, in a set of their own
-    full = {n: InputSet(x, _eps_of(case, n), n, case.domain) for n in case.norms}
-    groups = [(n, b, InputSet(x[b:b + 1], full[n].eps[b:b + 1], n, case.domain)) for n in case.norms for b in range(B)]
+    norms = tuple(n for n in case.norms if n in case.eps)
+    full = {n: InputSet(x, _eps_of(case, n), n, case.domain) for n in norms}
+    groups = [(n, b, InputSet(x[b:b + 1], full[n].eps[b:b + 1], n, case.domain)) for n in norms for b in range(B)]
     with torch.no_grad():
         y0 = model(x[:1])
     K, two_d = y0[0].numel(), y0.ndim == 2
@@ -1990,7 +2027,7 @@ def _run(case: Case, workdir: Path, cfg: Config, res: CaseResult) -> None:
     clock("reference")
 
     # -- bounds of every method ----------------------------------------------------------------
-    for norm in case.norms:
+    for norm in norms:
         for method in _methods(cfg):
             ok, bounds = _engine_call(res, method, norm, lambda norm=norm, method=method: bm.compute(
                 full[norm], None, method, alpha_steps=cfg.alpha_steps))
@@ -2025,12 +2062,14 @@ def _run(case: Case, workdir: Path, cfg: Config, res: CaseResult) -> None:
     # -- Lipschitz certificate -------------------------------------------------------------------
     if cfg.lipschitz:
         cache: dict[str, Any] = {}
-        for (_, b, inset), P, r in zip(groups, point_sets, refs):
+        for (gn, b, inset), P, r in zip(groups, point_sets, refs):
+            if gn == "l1":  # the Lipschitz certificate is for linf and l2
+                continue
             _check_lipschitz(res, case, bm, model, inset, P, r, K, cfg, ev, cache)
             if K >= 2 and two_d and b == 0:  # lipschitz_radius is for classifiers: logits (B, K)
                 _check_lipschitz_radius(res, bm, model, inset, ev, cfg, gen)
         if cfg.op_lipschitz:
-            _check_op_lipschitz(res, bm, groups[0][2], case.norms)
+            _check_op_lipschitz(res, bm, groups[0][2], tuple(n for n in norms if n != "l1"))
         clock("lipschitz")
 
 

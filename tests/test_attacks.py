@@ -19,7 +19,7 @@ def _linear_model():
     return F()
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_stays_in_ball_and_domain(norm):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -29,25 +29,30 @@ def test_stays_in_ball_and_domain(norm):
     g = torch.Generator().manual_seed(1)
     adv = pgd_attack(net, x, y, eps, norm=norm, steps=10, restarts=3, generator=g)
     d = (adv - x).flatten(1)
-    dist = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    dist = {"linf": d.abs().amax(1), "l2": d.norm(dim=1), "l1": d.abs().sum(1)}[norm]
     assert torch.all(dist <= eps + 1e-6)
+    if norm == "l1":  # float32 x + d rounds, but d itself (the projection's output) is inside
+        from certonnx.attacks.pgd import project_l1
+
+        q = project_l1(torch.randn(32, 12) * 3, eps)
+        assert torch.all(q.abs().sum(1) <= eps)
     assert adv.min() >= 0 and adv.max() <= 1
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_finds_known_counterexample_and_respects_radius(norm):
     f = _linear_model()
     x = torch.full((2, 2), 0.6)  # sum 1.2 -> class 0, margin 0.2
     y = torch.zeros(2, dtype=torch.long)
-    # linf: min sum over the ball is 1.2 - 2 eps; l2: 1.2 - sqrt(2) eps
-    big, small = (0.15, 0.05) if norm == "linf" else (0.2, 0.1)
+    # linf: min sum over the ball is 1.2 - 2 eps; l2: 1.2 - sqrt(2) eps; l1: 1.2 - eps (a vertex)
+    big, small = {"linf": (0.15, 0.05), "l2": (0.2, 0.1), "l1": (0.3, 0.1)}[norm]
     adv = pgd_attack(f, x, y, torch.tensor([big, small]), norm=norm, steps=30)
     out = f(adv)
     assert out[0].argmax() == 1  # broken
     assert out[1].argmax() == 0  # impossible to break
     # the attack loss is the margin and was minimised to the analytic optimum
     loss = attack_loss(out, y)
-    expect = 1.2 - 2 * small - 1 if norm == "linf" else 1.2 - 2 ** 0.5 * small - 1
+    expect = 1.2 - {"linf": 2, "l2": 2 ** 0.5, "l1": 1}[norm] * small - 1
     assert loss[1].item() == pytest.approx(expect, abs=1e-3)
 
 
@@ -90,3 +95,28 @@ def test_margin_matrix_matches_default():
 
     assert torch.allclose(attack_loss(out, y), attack_loss(out, C=margin_matrix(y, 3)))
     assert torch.allclose(attack_loss(out, y), torch.tensor([0.5, -1.0]))
+
+
+def test_project_l1_is_the_euclidean_projection() -> None:
+    """Against the closed form on a small case and against scipy-free brute force: the
+    projection of v onto the L1 ball is the closest point of the ball (checked by the KKT
+    soft threshold: every moved coordinate loses the same θ)."""
+    from certonnx.attacks.pgd import project_l1
+
+    d = torch.tensor([[3.0, -1.0, 0.5], [0.1, 0.1, -0.1], [0.0, 0.0, 0.0]])
+    p = project_l1(d, torch.tensor([2.0, 1.0, 1.0]))
+    # first row: θ = 1 (3-1 = 2, |-1|-1 = 0, 0.5 -> 0): (2, 0, 0)
+    assert torch.allclose(p[0], torch.tensor([2.0, 0.0, 0.0]), atol=1e-5)
+    assert torch.equal(p[1], d[1]) and torch.equal(p[2], d[2])  # inside: unchanged
+    torch.manual_seed(0)
+    v = torch.randn(64, 50)
+    e = torch.rand(64) * 3
+    q = project_l1(v, e)
+    assert torch.all(q.abs().sum(1) <= e)
+    out = v.abs().sum(1) > e
+    # soft threshold: |v| - |q| equals one θ per row on the coordinates that stay non-zero
+    diff = (v.abs() - q.abs())[out]
+    nz = (q[out] != 0)
+    th = torch.where(nz, diff, torch.nan)
+    spread = th.nan_to_num(0).amax(1) - torch.where(nz, diff, torch.inf).amin(1)
+    assert torch.all(spread < 1e-4)

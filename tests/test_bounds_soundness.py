@@ -99,7 +99,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_every_method_is_sound(case: str, norm: str) -> None:
     ctor, shape, eps_inf, eps_2 = CASES[case]
     torch.manual_seed(1)
@@ -110,7 +110,8 @@ def test_every_method_is_sound(case: str, norm: str) -> None:
         K = model(x).shape[1]
     y = torch.randint(0, K, (2,))
     C = margin_matrix(y, K)
-    inset = InputSet(x, eps_inf if norm == "linf" else eps_2, norm)
+    # L1: twice the L2 radius (the L1 ball of radius 2ε is not inside the L2 ball of radius ε)
+    inset = InputSet(x, {"linf": eps_inf, "l2": eps_2, "l1": 2 * eps_2}[norm], norm)
     results = {}
     for method in METHODS:
         lb, ub = bm.compute(inset, C, method, alpha_steps=10)
@@ -247,3 +248,22 @@ def test_batchnorm_folding_matches_unfolded_ibp(arch: str) -> None:
     lb2, _ = bm.compute(inset, None, "ibp")
     lr2, _ = ref.compute(inset, None, "ibp")
     assert torch.allclose(lb2, lr2, atol=1e-5)
+
+
+def test_l1_ball_of_a_linear_map_is_exact() -> None:
+    """Over an L1 ball a linear form takes its minimum at a vertex: ``w·x − ε·max|w|``. Every
+    method reaches it (the dual norm at the input), up to the rounding allowance; without it
+    (the enclosing box) the bound would be ``w·x − ε·‖w‖₁``, far looser."""
+    torch.manual_seed(0)
+    lin = nn.Linear(30, 4)
+    bm = BoundedModule(lin, (30,))
+    x = torch.rand(3, 30)
+    inset = InputSet(x, 0.7, "l1", None)
+    with torch.no_grad():
+        exact_lo = lin(x) - 0.7 * lin.weight.abs().amax(1)
+        exact_hi = lin(x) + 0.7 * lin.weight.abs().amax(1)
+    for method in METHODS:
+        lb, ub = bm.compute(inset, None, method)
+        assert ub is not None
+        assert torch.all(lb <= exact_lo + 1e-6) and torch.all(ub >= exact_hi - 1e-6), method
+        assert torch.allclose(lb, exact_lo, atol=1e-4) and torch.allclose(ub, exact_hi, atol=1e-4), method

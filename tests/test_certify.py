@@ -133,7 +133,8 @@ def test_parse_norms():
     assert parse_norms("linf:0.1,l2:0.5") == {"linf": 0.1, "l2": 0.5}
     assert parse_norms("inf:0.1, L2:1") == {"linf": 0.1, "l2": 1.0}
     assert parse_norms("Linf:0") == {"linf": 0.0}
-    for bad in ["", "linf", "l1:0.1", "linf:x", "linf:-1", "linf:0.1,inf:0.2", "linf:nan"]:
+    assert parse_norms("L1:1.0,linf:8/255") == {"l1": 1.0, "linf": 8 / 255}
+    for bad in ["", "linf", "l3:0.1", "linf:x", "linf:-1", "linf:0.1,inf:0.2", "linf:nan"]:
         with pytest.raises(ValueError):
             parse_norms(bad)
 
@@ -410,3 +411,27 @@ def test_auto_budget_keeps_cheap_crown_on_an_mlp() -> None:
     full = certify_dataset(m, x, y, {"l2": 0.5}, "auto", progress=False, auto_budget=math.inf)
     assert r["auto"]["skipped"]["l2"]["crown"] == 0 and r["per_method"]["l2"]["crown"] > 0
     assert r["per_method"]["l2"]["crown"] == full["per_method"]["l2"]["crown"]
+
+
+def test_l1_through_certify_certificate_and_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--norm ...,l1:1.0``: statuses, the union over three norms, the certificate's l1 entry,
+    and ``check --require 'l1:…'`` reading it."""
+    out = tmp_path / "c.onnx"
+    assert main(["certify", MLP, "--data", DATA, "--n", "24", "--norm", "linf:0.02,l2:0.3,l1:1.0", "--pgd-steps", "5",
+                 "-o", str(out), "--json", "-"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    c = r["certified_accuracy"]
+    assert set(c) == {"linf", "l2", "l1"} and r["epsilon"]["l1"] == 1.0
+    assert 0 < c["l1"] <= r["pgd_accuracy"]["l1"] <= r["clean_accuracy"]
+    assert r["union_certified_accuracy"] <= min(c.values())
+    assert sum(r["status_counts"]["l1"].values()) == 24
+    from certonnx.io import read_certificate
+
+    meta = read_certificate(str(out))
+    assert meta is not None and meta["norms"]["l1"] == 1.0 and meta["certified_accuracy"]["l1"] == c["l1"]
+    assert main(["check", str(out), "--require", f"l1:1.0>={c['l1']}", "-q"]) == 0
+    assert main(["check", str(out), "--require", f"l1:1.0>{c['l1']}", "-q"]) == 1
+    assert main(["check", str(out), "--require", "l1:2.0>=0", "-q"]) == 1  # a larger ε is not covered
+    assert main(["certify", MLP, "--data", DATA, "--n", "4", "--norm", "l1:1", "--method", "lipschitz"]) == 2
+    assert main(["certify", MLP, "--data", DATA, "--n", "4", "--norm", "l1:800"]) == 2  # > the L1 diameter 784
+    assert "l1" in capsys.readouterr().err

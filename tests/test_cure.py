@@ -210,10 +210,11 @@ def test_bad_options() -> None:
 
 
 def test_default_norms() -> None:
-    assert default_norms((1, 28, 28)) == {"linf": 0.1, "l2": 0.75}
-    assert default_norms((784,), "large") == {"linf": 0.3, "l2": 1.0}
-    assert default_norms((3, 32, 32)) == pytest.approx({"linf": 2 / 255, "l2": 0.25})
-    assert default_norms((3, 32, 32), "large") == pytest.approx({"linf": 8 / 255, "l2": 0.5})
+    assert default_norms((1, 28, 28)) == {"linf": 0.1, "l2": 0.75, "l1": 1.0}
+    assert default_norms((784,), "large") == {"linf": 0.3, "l2": 1.0, "l1": 2.0}
+    assert default_norms((3, 32, 32)) == pytest.approx({"linf": 2 / 255, "l2": 0.25, "l1": 0.5})
+    assert default_norms((3, 32, 32), "large") == pytest.approx({"linf": 8 / 255, "l2": 0.5, "l1": 1.0})
+    assert parse_norms_with_defaults("linf,l2,l1", (1, 28, 28)) == {"linf": 0.1, "l2": 0.75, "l1": 1.0}
     with pytest.raises(CertonnxError, match="give them explicitly"):
         default_norms((5,))
     assert parse_norms_with_defaults("linf,l2", (1, 28, 28)) == {"linf": 0.1, "l2": 0.75}
@@ -238,3 +239,15 @@ def test_registers_and_runs_in_trainer() -> None:
     log = Trainer(m, x, y, cfg, progress=False).fit()
     assert len(log) == 1 and log[0]["cert_acc"] is not None
     assert torch.isfinite(torch.tensor(log[0]["loss"]))
+
+
+def test_l1_region_centre_stays_in_the_ball() -> None:
+    """SABR/CURE's small L1 region (radius τ around the attack point, moved inward) lies in the
+    ε-ball: the centre is within ε - τ in L1 (the L2 rescaling would not guarantee it)."""
+    from certonnx.train.methods.sabr import shrink_into_ball
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 6, 6)
+    x_adv = x + torch.randn_like(x)
+    c = shrink_into_ball(x, x_adv, 1.0, 0.4, "l1", (0.0, 1.0))
+    assert torch.all((c - x).flatten(1).abs().sum(1) <= 0.6 + 1e-6)

@@ -24,7 +24,7 @@ from certonnx.bounds.core import margin_matrix
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
-__all__ = ["pgd_attack", "attack_loss", "property_tensors"]
+__all__ = ["pgd_attack", "attack_loss", "property_tensors", "project_l1", "l1_step"]
 
 
 def property_tensors(
@@ -78,6 +78,49 @@ def _view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (x.ndim - 1)))
 
 
+#: fraction of the coordinates an L1 step moves (SLIDE's sparsity, Tramèr & Boneh 2019, uses a
+#: high percentile of |gradient|; 99 % there, i.e. the top 1 %)
+L1_STEP_FRACTION = 0.01
+
+
+def project_l1(d: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of every row of ``d`` (B, ...) onto the L1 ball of radius ``eps``
+    (B,), batched (Duchi et al. 2008: sort, cumulative sums, soft threshold). Rows inside stay;
+    the result is scaled down by a few ulps where rounding would leave it outside the ball (the
+    point ``x + d`` then rounds like any float32 input; counterexamples are re-checked as
+    points, in onnxruntime)."""
+    B = d.shape[0]
+    flat = d.reshape(B, -1)
+    a = flat.abs()
+    inside = a.sum(1) <= eps
+    s, _ = a.sort(1, descending=True)
+    cs = s.cumsum(1)
+    k = torch.arange(1, flat.shape[1] + 1, device=d.device, dtype=d.dtype)
+    rho = ((s - (cs - eps[:, None]) / k) > 0).sum(1).clamp(min=1)
+    theta = ((cs.gather(1, (rho - 1)[:, None]).squeeze(1) - eps) / rho.to(d.dtype)).clamp(min=0)
+    out = torch.where(inside[:, None], flat, flat.sign() * (a - theta[:, None]).clamp(min=0))
+    n1 = out.abs().sum(1)
+    out = out * torch.where(n1 > eps, eps / n1.clamp_min(1e-30) * (1 - 2.0 ** -20), torch.ones_like(n1))[:, None]
+    return out.reshape(d.shape)
+
+
+def l1_step(g: torch.Tensor, z: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None) -> torch.Tensor:
+    """SLIDE's descent direction for ``-g`` under L1: ``-sign(g)`` on the largest
+    :data:`L1_STEP_FRACTION` of |g| among the coordinates that can still move that way (not at
+    the domain's bound), normalised to unit L1 norm per sample."""
+    B = g.shape[0]
+    gf, zf = g.reshape(B, -1), z.reshape(B, -1)
+    score = gf.abs()
+    if lo is not None and hi is not None:
+        stuck = ((zf <= lo.reshape(B, -1)) & (gf > 0)) | ((zf >= hi.reshape(B, -1)) & (gf < 0))
+        score = score.masked_fill(stuck, 0.0)
+    k = max(1, int(round(L1_STEP_FRACTION * gf.shape[1])))
+    thr = score.topk(k, dim=1).values[:, -1:]
+    sel = (score >= thr) & (score > 0)
+    dirn = -gf.sign() * sel
+    return (dirn / dirn.abs().sum(1, keepdim=True).clamp_min(1.0)).reshape(g.shape)
+
+
 def pgd_attack(
     fn: Fn,
     x: torch.Tensor,
@@ -108,7 +151,7 @@ def pgd_attack(
     norm = norm.lower()
     if norm in ("inf", "l_inf", "linfty"):
         norm = "linf"
-    if norm not in ("linf", "l2"):
+    if norm not in ("linf", "l2", "l1"):
         raise ValueError(f"unknown norm {norm!r}")
     x = x.detach()
     B = x.shape[0]
@@ -138,8 +181,11 @@ def pgd_attack(
         if norm in ("linf", "box"):
             return torch.minimum(torch.maximum(z, lo), hi)
         d = z - x
-        n = d.flatten(1).norm(dim=1).clamp_min(1e-12)
-        d = d * _view(torch.clamp(e / n, max=1.0), x)
+        if norm == "l1":
+            d = project_l1(d, e)
+        else:
+            n = d.flatten(1).norm(dim=1).clamp_min(1e-12)
+            d = d * _view(torch.clamp(e / n, max=1.0), x)
         z = x + d
         if domain is not None:
             # clamping towards the box moves every coordinate towards x (x is in the box), so the
@@ -155,7 +201,12 @@ def pgd_attack(
         if norm in ("linf", "box"):
             return lo + rand(*x.shape) * (hi - lo)
         g = rand(*x.shape, normal=True)
-        g = g / _view(g.flatten(1).norm(dim=1).clamp_min(1e-12), x)
+        if norm == "l1":
+            # Laplace-distributed coordinates, scaled to a random L1 radius: spread over the ball
+            g = g.sign() * -torch.log(rand(*x.shape).clamp_min(1e-12))
+            g = g / _view(g.flatten(1).abs().sum(1).clamp_min(1e-12), x)
+        else:
+            g = g / _view(g.flatten(1).norm(dim=1).clamp_min(1e-12), x)
         return project(x + g * _view(e * rand(B), x))
 
     def loss_of(z: torch.Tensor) -> torch.Tensor:
@@ -180,6 +231,10 @@ def pgd_attack(
             with torch.no_grad():
                 if norm in ("linf", "box"):
                     z = z - alpha * g.sign()
+                elif norm == "l1":
+                    dom = (torch.minimum(dlo.expand_as(x), x), torch.maximum(dhi.expand_as(x), x)) \
+                        if domain is not None else (None, None)
+                    z = z + alpha * l1_step(g, z, *dom)
                 else:
                     gn = g / _view(g.flatten(1).norm(dim=1).clamp_min(1e-12), x)
                     z = z - alpha * gn

@@ -13,7 +13,7 @@ import torch
 
 from certonnx.bounds.rounding import U32, absolute_slack, engine_gamma
 
-NORMS = ("linf", "l2")
+NORMS = ("linf", "l2", "l1")
 
 #: a bound matrix ``(B, S, *s)``, or ``None`` where that side of the bound is not wanted
 AMat = torch.Tensor | None
@@ -26,9 +26,12 @@ def per_sample_flat(t: torch.Tensor, lead: int = 1) -> torch.Tensor:
 
 
 def box_concretize(Af: torch.Tensor, c: torch.Tensor, r: torch.Tensor, sign: float,
-                   x0: torch.Tensor | None = None, eps: torch.Tensor | None = None) -> torch.Tensor:
+                   x0: torch.Tensor | None = None, eps: torch.Tensor | None = None,
+                   ball_norm: str = "l2") -> torch.Tensor:
     """min (sign=-1) / max (sign=+1) of ``Af · v`` over the box ``c ± r`` (and, with ``x0`` and
-    ``eps``, also over the L2 ball ``‖v − x0‖ ≤ eps``, taking the tighter), shape ``(B, S)``.
+    ``eps``, also over the ball (``ball_norm`` ``"l2"`` or ``"l1"``) ``‖v − x0‖ ≤ eps``, taking the
+    tighter), shape ``(B, S)``. Over a ball the bound is ``Af·x0 ± eps·‖Af‖_*`` with the dual
+    norm: L2 for L2, L∞ (the largest |coefficient|, exact in float) for L1.
 
     ``Af`` is ``(B, S, n)``, ``c``/``r``/``x0`` are ``(B, n, 1)``. Sound in float32: the radius
     is widened by the rounding of the centre/radius conversion, and the result by the rounding
@@ -46,10 +49,14 @@ def box_concretize(Af: torch.Tensor, c: torch.Tensor, r: torch.Tensor, sign: flo
     box = torch.bmm(Af, c).squeeze(-1) + sign * (mags[..., 0] + g * mags[..., 1] + slack)
     if x0 is None or eps is None:
         return box
-    norm = Af.norm(dim=2) * (1 + g)
+    norm = Af.norm(dim=2) * (1 + g) if ball_norm == "l2" else aa.amax(2)
     e = eps[:, None]
     ball = torch.bmm(Af, x0).squeeze(-1) + sign * (norm * e + g * (mags[..., 2] + norm * e) + slack)
     return torch.maximum(box, ball) if sign < 0 else torch.minimum(box, ball)
+
+
+#: ``(center, eps (B,), norm)``: an L2 or L1 ball the values of a node lie in (see Interval)
+Ball = tuple[torch.Tensor, torch.Tensor, str]
 
 
 class Interval:
@@ -59,16 +66,19 @@ class Interval:
     the other pair is computed on first use and cached. Affine layers consume centre/radius and
     activations consume lower/upper, so a conv → BatchNorm chain never converts back and forth.
 
-    ``ball`` optionally records that the tensor lies in an L2 ball ``(center, eps)`` of the
-    *same* shape (eps per sample, shape ``(B,)``). Shape-only ops and scalar affine ops keep it,
-    so the first dense or conv layer after the input can bound an L2 set with the dual norm
-    (``eps * ||row||_2``) instead of the much looser enclosing box.
+    ``ball`` optionally records that the tensor lies in a ball ``(center, eps, norm)`` of the
+    *same* shape (eps per sample, shape ``(B,)``; norm ``"l2"`` or ``"l1"``). Shape-only ops and
+    scalar affine ops keep it, so the first dense or conv layer after the input can bound the set
+    with the dual norm (``eps * ||row||_2`` for L2, ``eps * max|row|`` for L1) instead of the
+    much looser enclosing box. (An L1 ball is also an L2 ball of the same radius, so reading an
+    L1 ball as L2 would be loose but sound; the reverse never happens: only the input set makes
+    an L1 ball.)
     """
 
     __slots__ = ("_lower", "_upper", "_center", "_radius", "ball")
 
     def __init__(self, lower: torch.Tensor, upper: torch.Tensor,
-                 ball: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 ball: Ball | None = None) -> None:
         self._lower: torch.Tensor | None = lower
         self._upper: torch.Tensor | None = upper
         self._center: torch.Tensor | None = None
@@ -77,7 +87,7 @@ class Interval:
 
     @staticmethod
     def from_center(center: torch.Tensor, radius: torch.Tensor,
-                    ball: tuple[torch.Tensor, torch.Tensor] | None = None) -> Interval:
+                    ball: Ball | None = None) -> Interval:
         itv = Interval.__new__(Interval)
         itv._lower = itv._upper = None
         itv._center, itv._radius, itv.ball = center, radius, ball
@@ -159,9 +169,10 @@ class InputSet:
     """The perturbation set: a norm ball around ``x`` intersected with the input domain.
 
     ``domain`` is the box of valid raw inputs (pixels in [0, 1] by default). Intersecting with
-    it is sound (the true set is smaller) and makes bounds tighter. For L2 the intersection of
-    a ball and a box has no closed-form linear bound; we take the better of the ball bound and
-    the box bound, each of which is valid for the intersection.
+    it is sound (the true set is smaller) and makes bounds tighter. For L2 and L1 the
+    intersection of a ball and a box has no closed-form linear bound; we take the better of the
+    ball bound and the box bound, each of which is valid for the intersection. The box of an
+    L2 or L1 ball of radius ε is ``x ± ε`` (every coordinate moves by at most the norm).
     """
 
     def __init__(
@@ -216,8 +227,9 @@ class InputSet:
         return self.x.shape[0]
 
     def interval(self) -> Interval:
-        """The enclosing box; for L2 it also carries the ball for the first layer's dual norm."""
-        ball = (self.x, self.ball_eps) if self.norm == "l2" else None
+        """The enclosing box; for L2 and L1 it also carries the ball for the first layer's dual
+        norm."""
+        ball = (self.x, self.ball_eps, self.norm) if self.norm in ("l2", "l1") else None
         return Interval(self.lower, self.upper, ball)
 
     def concretize(self, A: torch.Tensor, sign: float) -> torch.Tensor:
@@ -229,7 +241,8 @@ class InputSet:
         r = ((self.upper - self.lower) / 2).flatten(1).unsqueeze(-1)
         if self.norm == "linf":
             return box_concretize(per_sample_flat(A, 2), c, r, sign)
-        return box_concretize(per_sample_flat(A, 2), c, r, sign, self.x.flatten(1).unsqueeze(-1), self.ball_eps)
+        return box_concretize(per_sample_flat(A, 2), c, r, sign, self.x.flatten(1).unsqueeze(-1), self.ball_eps,
+                              ball_norm=self.norm)
 
 
 def margin_matrix(y: torch.Tensor, num_classes: int) -> torch.Tensor:

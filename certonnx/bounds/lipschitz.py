@@ -32,7 +32,10 @@ def node_constants(bm: BoundedModule, norm: str) -> dict[fx.Node, float]:
     """Upper bounds of ``||v(x) - v(x')|| / ||x - x'||`` for every perturbed node ``v``
     (same norm on input and node)."""
     if norm not in ("l2", "linf"):
-        raise ValueError(f"unknown norm {norm!r}")
+        from certonnx.errors import CertonnxError
+
+        raise CertonnxError(f"the Lipschitz certificate supports linf and l2, not {norm} (use a bound method, "
+                            "e.g. --method crown)")
     shape = bm.sample_shape
     if shape is None:
         raise ValueError("BoundedModule needs sample_shape for the Lipschitz certificate")

@@ -8,8 +8,8 @@ certification on data (``recertify``). Kept free of click so it is usable from P
 Requirement grammar (one per ``--require``)::
 
     METRIC[:EPS] OP VALUE
-    METRIC = linf | l2 (certified accuracy under that norm) | union (certified under every
-             norm at once) | clean (accuracy without perturbation) | pgd-linf | pgd-l2
+    METRIC = linf | l2 | l1 (certified accuracy under that norm) | union (certified under every
+             norm at once) | clean (accuracy without perturbation) | pgd-linf | pgd-l2 | pgd-l1
     EPS    = radius in the certificate's input space (raw pixels), a number or a fraction like
              8/255; omitted: the certificate's ε
     OP     = >= | >
@@ -35,10 +35,10 @@ _REQ = re.compile(
     r"^\s*(?P<metric>[a-z0-9_\-]+)\s*(?::\s*(?P<eps>[0-9.eE+\-]+(?:\s*/\s*[0-9.eE+\-]+)?))?\s*(?P<op>>=|>)\s*(?P<value>[0-9.eE+\-]+)\s*(?P<pct>%)?\s*$",
     re.I,
 )
-NORM_METRICS = ("linf", "l2")
-METRICS = (*NORM_METRICS, "union", "clean", "pgd-linf", "pgd-l2")
-_ALIASES = {"inf": "linf", "l_inf": "linf", "linfty": "linf", "2": "l2", "l_2": "l2", "all": "union",
-            "accuracy": "clean", "pgd_linf": "pgd-linf", "pgd_l2": "pgd-l2"}
+NORM_METRICS = ("linf", "l2", "l1")
+METRICS = (*NORM_METRICS, "union", "clean", "pgd-linf", "pgd-l2", "pgd-l1")
+_ALIASES = {"inf": "linf", "l_inf": "linf", "linfty": "linf", "2": "l2", "l_2": "l2", "1": "l1", "l_1": "l1",
+            "all": "union", "accuracy": "clean", "pgd_linf": "pgd-linf", "pgd_l2": "pgd-l2", "pgd_l1": "pgd-l1"}
 # ε values are printed with a few digits, so compare them with a relative tolerance
 _EPS_RTOL = 1e-6
 

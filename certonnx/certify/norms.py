@@ -5,7 +5,7 @@ One parser for every place a ``NORM:EPS`` is read (``certify --norm``, ``finetun
 accepted by all. Kept free of torch: ``check`` parses its flags before any heavy import.
 
 * norm names are case-insensitive and normalised: ``linf``, ``Linf``, ``LINF``, ``inf``,
-  ``l_inf``, ``L∞`` -> ``linf``; ``l2``, ``L2``, ``2`` -> ``l2``;
+  ``l_inf``, ``L∞`` -> ``linf``; ``l2``, ``L2``, ``2`` -> ``l2``; ``l1``, ``L1``, ``1`` -> ``l1``;
 * ε is a number (``0.1``, ``3e-2``) or a fraction of two numbers (``8/255``, ``0.5/2``);
 * :func:`eps_range_error` refuses an ε larger than the input range (``linf:8`` for pixels in
   [0, 1] is almost always ``8/255`` meant), where every input of the domain is in the ball.
@@ -20,13 +20,15 @@ __all__ = ["canonical_norm", "parse_eps", "parse_norms", "eps_range_error", "che
 
 
 def canonical_norm(name: str) -> str:
-    """``linf`` or ``l2`` for any accepted spelling; ValueError (one line) otherwise."""
+    """``linf``, ``l2`` or ``l1`` for any accepted spelling; ValueError (one line) otherwise."""
     n = name.strip().lower().replace("_", "").replace("-", "")
     if n in ("linf", "inf", "linfty", "infinity", "l∞"):
         return "linf"
     if n in ("l2", "2"):
         return "l2"
-    raise ValueError(f"unknown norm {name!r} (use linf or l2)")
+    if n in ("l1", "1"):
+        return "l1"
+    raise ValueError(f"unknown norm {name!r} (use linf, l2 or l1)")
 
 
 def parse_eps(text: str) -> float:
@@ -71,8 +73,8 @@ def eps_range_error(norm: str, eps: float, domain: Sequence[float] = (0.0, 1.0),
     """Why ``eps`` is out of range for inputs in ``domain`` (one line), or None when it is not.
 
     Under L∞ the ball of radius ``hi - lo`` already holds every input of the domain; under L2
-    that is the domain's diameter ``(hi - lo) · sqrt(d)`` (checked only when the per-sample
-    shape, hence ``d``, is known). A larger ε claims nothing more and almost always means the
+    that is the domain's diameter ``(hi - lo) · sqrt(d)``, under L1 ``(hi - lo) · d`` (both
+    checked only when the per-sample shape, hence ``d``, is known). A larger ε claims nothing more and almost always means the
     radius was given in other units (0..255 pixel levels for inputs in [0, 1])."""
     lo, hi = float(domain[0]), float(domain[1])
     width = hi - lo
@@ -85,9 +87,9 @@ def eps_range_error(norm: str, eps: float, domain: Sequence[float] = (0.0, 1.0),
     if norm == "linf" and eps > width * (1 + 1e-9):
         return (f"{norm} ε {eps:g} is larger than the input range [{lo:g}, {hi:g}] (every input would be in the "
                 f"ball): {space}{hint}")
-    if norm == "l2" and sample_shape is not None:
+    if norm in ("l2", "l1") and sample_shape is not None:
         d = math.prod(int(s) for s in sample_shape)
-        diameter = width * math.sqrt(max(d, 1))
+        diameter = width * (math.sqrt(max(d, 1)) if norm == "l2" else max(d, 1))
         if eps > diameter * (1 + 1e-9):
             return (f"{norm} ε {eps:g} is larger than the diameter {diameter:.4g} of the input domain "
                     f"[{lo:g}, {hi:g}]^{d} (every input would be in the ball): {space}{hint}")

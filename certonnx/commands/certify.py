@@ -52,7 +52,7 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> in
 @click.option("--split", default="test", show_default=True, help="Which split of the data to use.")
 @click.option("--n", "n", type=click.IntRange(min=1), default=None, help="Use the first N samples only.")
 @click.option("--norm", "norms", required=True, callback=norms_option, metavar="NORM:EPS[,NORM:EPS]",
-              help="Perturbation radii in raw input space, e.g. linf:0.1,l2:0.5 or linf:8/255 (norms: linf/inf, l2; "
+              help="Perturbation radii in raw input space, e.g. linf:0.1,l2:0.5 or linf:8/255 (norms: linf/inf, l2, l1; "
                    "any case).")
 @bound_method_option(before=("auto",), after=("lipschitz",), default="auto",
                      help="Bound method; auto = ibp -> crown-ibp -> crown -> alpha-crown, each only on samples "

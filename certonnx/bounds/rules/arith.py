@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 
-from certonnx.bounds.core import AMat, Interval
+from certonnx.bounds.core import AMat, Ball, Interval
 from certonnx.bounds.rule import BackwardResult, Rule, Value, register
 from certonnx.bounds.rules.common import const_for_A, sum_bias, unbroadcast, with_rounding
 from certonnx.errors import UnsupportedOpError
@@ -230,18 +230,18 @@ def _per_sample_err(err: torch.Tensor, y_nd: int) -> torch.Tensor:
 
 
 def _affine_ball(itv: Interval, k: object, c: object, out: torch.Tensor,
-                 err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The L2 ball of ``x -> k·x + c`` (then rounded), or None.
+                 err: torch.Tensor) -> Ball | None:
+    """The ball (L2 or L1, as the input's) of ``x -> k·x + c`` (then rounded), or None.
 
-    A ball survives only a map that is a similarity up to a known factor: ``‖k ⊙ δ‖ ≤ max|k|·‖δ‖``.
-    Broadcasting to a larger per-sample shape copies each element the same number of times
-    ``m = numel(out) / numel(in)``, so the copied perturbation has norm ``sqrt(m)·‖δ‖``; and the
-    float result lies within ``err`` of the exact one, a box whose L2 norm is added to the
-    radius. Anything else (a batch-dependent constant, an unexpected shape) drops the ball and
-    leaves the sound box."""
+    A ball survives only a map that is a similarity up to a known factor: ``‖k ⊙ δ‖ ≤ max|k|·‖δ‖``
+    (for every p-norm). Broadcasting to a larger per-sample shape copies each element the same
+    number of times ``m = numel(out) / numel(in)``, so the copied perturbation has L2 norm
+    ``sqrt(m)·‖δ‖₂`` and L1 norm ``m·‖δ‖₁``; and the float result lies within ``err`` of the
+    exact one, a box whose norm (L2 / L1) is added to the radius. Anything else (a
+    batch-dependent constant, an unexpected shape) drops the ball and leaves the sound box."""
     if itv.ball is None or isinstance(c, Interval) or isinstance(k, Interval):
         return None
-    center, eps = itv.ball
+    center, eps, norm = itv.ball
     try:
         new_center = center * k + c  # type: ignore[operator]
     except RuntimeError:
@@ -252,8 +252,10 @@ def _affine_ball(itv: Interval, k: object, c: object, out: torch.Tensor,
     if n_out % n_in:
         return None
     kmax = float(torch.as_tensor(k).detach().abs().max()) if not isinstance(k, (int, float)) else abs(float(k))
-    e = torch.broadcast_to(err, out.shape).reshape(out.shape[0], -1).norm(dim=1)
-    return new_center, eps * kmax * math.sqrt(n_out // n_in) + e
+    box = torch.broadcast_to(err, out.shape).reshape(out.shape[0], -1)
+    if norm == "l1":
+        return new_center, eps * kmax * (n_out // n_in) + box.abs().sum(1), norm
+    return new_center, eps * kmax * math.sqrt(n_out // n_in) + box.norm(dim=1), norm
 
 
 @register
@@ -268,7 +270,7 @@ class NegRule(Rule):
 
     def ibp(self, vals: Sequence[Value]) -> Interval:
         itv: Interval = vals[0]
-        ball = (-itv.ball[0], itv.ball[1]) if itv.ball is not None else None  # exact: a sign flip
+        ball = (-itv.ball[0], itv.ball[1], itv.ball[2]) if itv.ball is not None else None  # exact: a sign flip
         return Interval(-itv.upper, -itv.lower, ball)
 
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],

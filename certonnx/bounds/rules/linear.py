@@ -18,10 +18,11 @@ from certonnx.errors import UnsupportedOpError
 
 
 def _ball_radius(itv: Interval, rownorm: torch.Tensor, center_out: torch.Tensor) -> Interval | None:
-    """Dual-norm bound of the first layer on an L2 ball: ``W x0 + b ± eps ||W_row||_2``."""
+    """Dual-norm bound of the first layer on a ball: ``W x0 + b ± eps ||W_row||_*`` with the
+    dual norm ``rownorm`` of each output's row (L2 for an L2 ball, max |w| for an L1 ball)."""
     if itv.ball is None:
         return None
-    _, eps = itv.ball
+    _, eps, _ = itv.ball
     r = eps.view(-1, *([1] * (center_out.ndim - 1))) * rownorm
     return Interval.from_center(center_out, r)
 
@@ -51,6 +52,12 @@ class _WeightedRule(AffineLayer):
         raise NotImplementedError
 
     def rownorm(self, w: torch.Tensor) -> torch.Tensor:
+        """L2 norm of each output's row of weights (the dual norm of an L2 ball)."""
+        raise NotImplementedError
+
+    def rowmax(self, w: torch.Tensor) -> torch.Tensor:
+        """Largest |weight| of each output's row (the dual norm of an L1 ball), shaped like
+        :meth:`rownorm`."""
         raise NotImplementedError
 
     def per_output(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -141,8 +148,9 @@ class _WeightedRule(AffineLayer):
         self._round_cache = (itv, w, err) if wb is None else None
         out = Interval.from_center(c, r + err)
         if itv.ball is not None:
-            center, _ = itv.ball
-            ball = _ball_radius(itv, self.rownorm(w), self.apply(center, w, b))
+            center, _, norm = itv.ball
+            dual = self.rowmax(w) if norm == "l1" else self.rownorm(w)
+            ball = _ball_radius(itv, dual, self.apply(center, w, b))
             if ball is not None:
                 out = out.intersect(ball.widen(err))
                 out.ball = None
@@ -168,6 +176,9 @@ class LinearRule(_WeightedRule):
 
     def rownorm(self, w: torch.Tensor) -> torch.Tensor:
         return w.norm(dim=1)
+
+    def rowmax(self, w: torch.Tensor) -> torch.Tensor:
+        return w.abs().amax(dim=1)
 
     def dense_matrix(self, vals: Sequence[Value]) -> torch.Tensor:
         return self.weight_bias(vals)[0]
@@ -216,6 +227,9 @@ class MatMulRule(_WeightedRule):
 
     def rownorm(self, w: torch.Tensor) -> torch.Tensor:
         return w.norm(dim=0)
+
+    def rowmax(self, w: torch.Tensor) -> torch.Tensor:
+        return w.abs().amax(dim=0)
 
     def dense_matrix(self, vals: Sequence[Value]) -> torch.Tensor:
         return self.weight_bias(vals)[0].t()  # x @ W: W's columns are the outputs
@@ -281,6 +295,10 @@ class ConvRule(_WeightedRule):
         # cut by the padding), hence a sound L2 radius
         nd = w.ndim - 2
         return w.flatten(1).norm(dim=1).view(-1, *([1] * nd))
+
+    def rowmax(self, w: torch.Tensor) -> torch.Tensor:
+        # the largest |weight| of the whole kernel: each output's row holds a subset of it
+        return w.flatten(1).abs().amax(dim=1).view(-1, *([1] * (w.ndim - 2)))
 
     def bias_view(self, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return b.view(-1, *([1] * (like.ndim - 2)))

@@ -54,8 +54,8 @@ class ReshapeRule(Rule):
         hi = self.call_with(vals, {0: itv.upper})
         ball = None
         if itv.ball is not None:
-            center, eps = itv.ball
-            ball = (center.reshape(lo.shape), eps)
+            center, eps, norm = itv.ball
+            ball = (center.reshape(lo.shape), eps, norm)
         return Interval(lo, hi, ball)
 
     def propagate_error(self, vals: Sequence[Value], errs: Sequence[torch.Tensor]) -> torch.Tensor:

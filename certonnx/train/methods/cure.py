@@ -25,7 +25,7 @@ Two optional terms from the paper:
   and whose gradient is the combined one, so the trainer stays unchanged.
 
 Flags (``--method-opt KEY=VALUE``, declared in :class:`CURE.Options`): ``cure_variant``,
-``cure_lambda`` (and per-norm ``cure_lambda_linf`` / ``cure_lambda_l2``), ``cure_align``,
+``cure_lambda`` (and per-norm ``cure_lambda_linf`` / ``cure_lambda_l2`` / ``cure_lambda_l1``), ``cure_align``,
 ``cure_align_on``, ``cure_gp``, ``cure_gp_project``, ``cure_clean_weight``, ``pgd_steps``. See
 docs/cure.md. The paper's default radii (``--norm linf,l2``) live in
 :mod:`certonnx.train.radii`, since every method can use them; they are re-exported here.
@@ -154,6 +154,7 @@ class CURE(Method):
                                     gt=0, le=1)
         cure_lambda_linf: float | None = option(None, "L∞ override of cure_lambda", gt=0, le=1)
         cure_lambda_l2: float | None = option(None, "L2 override of cure_lambda", gt=0, le=1)
+        cure_lambda_l1: float | None = option(None, "L1 override of cure_lambda", gt=0, le=1)
         cure_align: float = option(0.0, "bound-alignment weight η (0: off)", ge=0)
         cure_align_on: Literal["certified", "all"] = option(
             "certified", "samples the alignment uses: the L∞-certified ones or all")

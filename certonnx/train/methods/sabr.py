@@ -45,6 +45,10 @@ def shrink_into_ball(x: torch.Tensor, x_adv: torch.Tensor, eps: float, tau: floa
         # the domain clamp can only move c towards the box; keep it within the ball of radius r
         return torch.minimum(torch.maximum(c, x - r), x + r)
     r = max(eps - tau, 0.0)
+    if norm == "l1":  # the triangle inequality holds for every norm: ‖c - x‖₁ ≤ ε - τ
+        from certonnx.attacks.pgd import project_l1
+
+        return x + project_l1(x_adv - x, torch.full((x.shape[0],), r, dtype=x.dtype, device=x.device))
     d = (x_adv - x).flatten(1)
     n = d.norm(dim=1, keepdim=True).clamp(min=1e-12)
     d = d * torch.clamp(r / n, max=1.0)
