@@ -252,8 +252,8 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
 
         if available() is None:
             raise ConfigError(INSTALL_HINT, flag)
-        if any(k not in ("linf", "l2") for k in norms):
-            raise ConfigError("auto_LiRPA is used for linf and l2 only", flag)
+        if any(k not in ("linf", "l2", "l1") for k in norms):
+            raise ConfigError("auto_LiRPA is used for linf, l2 and l1 only", flag)
     if auto_budget is not None:
         if method != "auto":
             raise ConfigError(f"applies to --method auto only (got --method {method})", "--auto-budget")

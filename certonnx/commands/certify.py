@@ -163,7 +163,7 @@ def _table(console: Any, res: dict[str, Any], model: str) -> None:
         parts = []
         for k, v in xc.items():
             if v["informational"]:
-                parts.append(f"{k}: {v['pairs']} compared only (an optimisation outcome), {v['disagreements']} "
+                parts.append(f"{k}: {v['pairs']} compared only (see docs/certify.md), {v['disagreements']} "
                              f"tighter than auto_LiRPA's, at most {v['max_looser']:.3g} looser")
             else:
                 parts.append(f"{k}: {v['pairs']} checked, none tighter than auto_LiRPA's, at most "
