@@ -25,7 +25,7 @@ def sample_set(inset: InputSet, n: int, gen: torch.Generator) -> torch.Tensor:
         u = torch.rand((B, n, *shape), generator=gen)
         corners = torch.rand((B, n // 2, *shape), generator=gen).round()
         u[:, : n // 2] = corners
-        return lo + (hi - lo) * u
+        return torch.minimum(torch.maximum(lo + (hi - lo) * u, lo), hi)  # the sum may round past hi
     if inset.norm == "l1":
         m = int(torch.tensor(shape).prod())
         lap = torch.randn((B, n, m), generator=gen).sign() * -torch.log(torch.rand((B, n, m), generator=gen))

@@ -1722,7 +1722,9 @@ def sample_points(inset: Any, n: int, gen: torch.Generator) -> torch.Tensor:
         u[:q] = u[:q].round()
         m = torch.randint(0, 3, (q, *s), generator=gen).float() / 2
         u[q:2 * q] = m
-        return lo + (hi - lo) * u
+        # lo + (hi - lo)·1 rounds above hi when |lo| ≫ |hi| (seen: 17 ulps with lo = -0.61,
+        # hi = 0.0075): clamp, so that every point is in the set it tests
+        return torch.minimum(torch.maximum(lo + (hi - lo) * u, lo), hi)
     eps = float(inset.eps[0])
     if inset.norm == "l1":
         # half vertices x ± eps e_i (where linear functions take their extremes), then points

@@ -251,3 +251,93 @@ def test_l1_region_centre_stays_in_the_ball() -> None:
     x_adv = x + torch.randn_like(x)
     c = shrink_into_ball(x, x_adv, 1.0, 0.4, "l1", (0.0, 1.0))
     assert torch.all((c - x).flatten(1).abs().sum(1) <= 0.6 + 1e-6)
+
+
+def test_gradient_projection_is_the_official_formula() -> None:
+    """θ₀ + β·cos⁺(Δcert, Δnat)·Δnat + (1−β)·Δcert per floating tensor (src/main.py ``gp``):
+    a natural update against the certified one contributes nothing; counters follow the
+    certified state."""
+    from certonnx.train.methods.cure import gradient_projection
+
+    start = {"w": torch.zeros(2), "v": torch.zeros(2), "n": torch.tensor(3)}
+    cert = {"w": torch.tensor([1.0, 0.0]), "v": torch.tensor([1.0, 0.0]), "n": torch.tensor(5)}
+    nat = {"w": torch.tensor([1.0, 1.0]), "v": torch.tensor([-1.0, 0.0]), "n": torch.tensor(4)}
+    out = gradient_projection(start, cert, nat, 0.8)
+    cos = 1 / 2 ** 0.5
+    assert torch.allclose(out["w"], 0.8 * cos * nat["w"] + 0.2 * cert["w"])
+    assert torch.allclose(out["v"], 0.2 * cert["v"])  # cos < 0: the natural update is dropped
+    assert int(out["n"]) == 5
+
+
+def test_official_gradient_projection_runs_once_per_epoch_after_the_ramp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cure_gp_epoch``: after each epoch past warm-up + ramp, a copy of the start-of-epoch
+    model trains one natural epoch and the model becomes the projection of both updates."""
+    import certonnx.train.methods.cure as cure_mod
+    from certonnx.train.loop import TrainConfig, Trainer
+
+    calls: list[tuple[dict, dict, dict]] = []
+    real = cure_mod.gradient_projection
+
+    def spy(start, cert, nat, beta):  # type: ignore[no-untyped-def]
+        calls.append((start, cert, nat))
+        out = real(start, cert, nat, beta)
+        calls[-1] = (*calls[-1], out)  # type: ignore[assignment]
+        return out
+
+    monkeypatch.setattr(cure_mod, "gradient_projection", spy)
+    m, x, y = _problem(64)
+    cfg = TrainConfig(norms={"linf": 0.05, "l2": 0.2}, method="cure", epochs=3, batch_size=32, num_classes=3,
+                      warmup_epochs=0, ramp_epochs=1, options={"cure_gp_epoch": 0.8, "pgd_steps": 2})
+    Trainer(m, x, y, cfg, progress=False).fit()
+    assert len(calls) == 2  # epochs 2 and 3: after the one-epoch ramp
+    start, cert, nat, out = calls[-1]  # type: ignore[misc]
+    w = next(k for k in start if k.endswith("weight"))
+    assert not torch.equal(nat[w], cert[w]) and not torch.equal(nat[w], start[w])
+    assert torch.equal(m.state_dict()[w], out[w])
+
+
+def test_official_l2_region_is_a_tiny_box_at_the_l2_attack_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The official L2 term bounds an L∞ box of radius 1e-5·ε₂ around an L2-PGD point inside the
+    ε₂-ball; ``cure_l2_region=ball`` bounds an L2 ball of radius λ·ε₂."""
+    import certonnx.train.methods.cure as cure_mod
+
+    seen: list[tuple[str, float, torch.Tensor]] = []
+    real = cure_mod.bound_margins
+
+    def spy(bm, inset, y, method, ctx):  # type: ignore[no-untyped-def]
+        seen.append((inset.norm, float(inset.eps.max()), inset.x))
+        return real(bm, inset, y, method, ctx)
+
+    monkeypatch.setattr(cure_mod, "bound_margins", spy)
+    m, x, y = _problem(16)
+    bm = BoundedModule(m, (1, 4, 4))
+    CURE().loss_multi(m, bm, x, y, _ctx(m, norms={"l2": 0.5}, pgd_steps=3))
+    norm, tau, c = seen[-1]
+    assert norm == "linf" and tau == pytest.approx(0.5e-5)
+    assert torch.all((c - x).flatten(1).norm(dim=1) <= 0.5 + 1e-6)
+    CURE().loss_multi(m, bm, x, y, _ctx(m, norms={"l2": 0.5}, pgd_steps=3, cure_l2_region="ball"))
+    assert seen[-1][0] == "l2" and seen[-1][1] == pytest.approx(0.2)
+
+
+def test_alignment_directions() -> None:
+    """Official default (``l2``): KL(p₂‖p∞) on the L2-correct samples, gradients into both; the
+    ``linf`` direction (``--reverse``): KL(p∞‖p₂), the L∞ side detached."""
+    torch.manual_seed(0)
+    a = torch.randn(6, 4, requires_grad=True)
+    b = torch.randn(6, 4, requires_grad=True)
+    bound_alignment(b, a, None, detach_target=False).backward()
+    assert a.grad is not None and b.grad is not None and float(b.grad.abs().sum()) > 0
+    a.grad = b.grad = None
+    bound_alignment(a, b).backward()
+    assert a.grad is None and b.grad is not None
+
+
+def test_presets_follow_the_official_scripts_and_yield_to_explicit_keys() -> None:
+    o = CURE.parse_options({"cure_preset": "scratch"})
+    assert (o.cure_variant, o.cure_align, o.cure_align_dir, o.cure_gp_epoch, o.cure_l2_region, o.cure_lambda) == \
+        ("max", 2.0, "l2", 0.8, "official", 0.4)
+    f = CURE.parse_options({"cure_preset": "finetune", "cure_align": "1.5"})
+    assert (f.cure_variant, f.cure_align, f.cure_gp_epoch) == ("max", 1.5, 0.0)
+    assert CURE.parse_options({}).cure_gp_epoch == 0.0  # no preset: nothing changes
+    with pytest.raises(CertonnxError, match="cure_preset"):
+        CURE.parse_options({"cure_preset": "fast"})

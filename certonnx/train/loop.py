@@ -19,6 +19,8 @@ Design choices (see docs/finetune.md):
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 import time
@@ -334,6 +336,31 @@ class Trainer:
         }
         return entry
 
+    def natural_epoch(self, module: nn.Module, opt_state: dict[str, Any], epoch: int) -> None:
+        """One epoch of plain cross-entropy on ``module`` (a copy of the trained one), with an
+        optimizer of the trainer's kind loaded from ``opt_state`` and the epoch's learning rate,
+        over the same batches in the same order as :meth:`train_epoch` (CURE's ``train_clean``;
+        unlike the official code, gradients are zeroed before every step)."""
+        cfg = self.cfg
+        params = [p for p in module.parameters() if p.requires_grad]
+        opt = type(self.opt)(params, **{k: v for k, v in self.opt.defaults.items()})
+        opt.load_state_dict(opt_state)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, epoch)
+        n = int(self.x.shape[0])
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        module.train()
+        for s in range(self.steps_per_epoch):
+            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            xb, yb = self.x[idx].to(self.dev), self.y[idx].to(self.dev)
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(module(xb).flatten(1), yb)
+            if not bool(torch.isfinite(loss.detach())):
+                raise TrainingError(self._nan_message(epoch * self.steps_per_epoch + s))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else float("inf"))
+            opt.step()
+
     def _nan_message(self, gstep: int) -> str:
         p = self.checkpoint_path
         keep = (f"the last good checkpoint (after epoch {self.epoch}) is kept at {p}"
@@ -354,7 +381,24 @@ class Trainer:
             else:
                 self.echo(f"--resume: no checkpoint at {self.checkpoint_path}; starting from the beginning")
         while self.epoch < self.cfg.epochs:
+            e = self.epoch
+            hook = self.method.wants_epoch_start(e, self.method_options, self.cfg.warmup_epochs + self.cfg.ramp_epochs)
+            if hook:
+                if self.world > 1:
+                    raise TrainingError(f"{self.cfg.method}: the per-epoch step of these options (CURE's gradient "
+                                        "projection) does not run under torchrun yet; train on one process")
+                start = ({k: v.detach().clone() for k, v in self.module.state_dict().items()},
+                         copy.deepcopy(self.opt.state_dict()))
             entry = self.train_epoch()
+            if hook:
+                from certonnx.train.methods.base import EpochRun
+
+                t_hook = time.monotonic()
+                self.method.after_epoch(EpochRun(
+                    module=self.module, start_state=start[0], start_optimizer=start[1],
+                    options=self.method_options, epoch=e,
+                    natural_epoch=functools.partial(self.natural_epoch, epoch=e)))
+                entry["seconds"] = round(entry["seconds"] + time.monotonic() - t_hook, 3)
             self.epoch += 1
             self.log.append(entry)
             self.save_checkpoint()

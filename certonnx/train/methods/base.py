@@ -125,6 +125,15 @@ class Method:
     def on_step(self, ctx: StepContext) -> None:  # noqa: B027 - optional hook
         """Called after each optimizer step (e.g. for methods with their own state)."""
 
+    def wants_epoch_start(self, epoch: int, options: Any, ramp_end: int) -> bool:
+        """Whether :meth:`after_epoch` needs the state of epoch ``epoch`` (0-based) at its start;
+        ``ramp_end`` is the number of epochs of warm-up and ε ramp. Default: no."""
+        return False
+
+    def after_epoch(self, run: EpochRun) -> None:  # noqa: B027 - optional hook
+        """Called after an epoch for which :meth:`wants_epoch_start` was true (CURE's
+        per-epoch gradient projection)."""
+
     def setup(self, module: nn.Module, options: MethodOptions | Mapping[str, Any] | None) -> list[nn.Parameter]:
         """Called once before the optimizer is built. Returns parameters the method owns and
         optimises itself (e.g. SaC's shrinkage factors), which the trainer's optimizer skips."""
@@ -139,6 +148,21 @@ class Method:
 
     def finalize(self, module: nn.Module) -> None:  # noqa: B027 - optional hook
         """Called after training, before certification and export (e.g. fold reparametrisations)."""
+
+
+@dataclass
+class EpochRun:
+    """What :meth:`Method.after_epoch` gets: the trained module, its state and the optimizer's at
+    the start of the epoch, the options, and ``natural_epoch(module, optimizer_state)``, which
+    trains a module for one epoch of plain cross-entropy on the same batches (the epoch's data
+    order) starting from that optimizer state."""
+
+    module: nn.Module
+    start_state: dict[str, torch.Tensor]
+    start_optimizer: dict[str, Any]
+    options: Any
+    epoch: int
+    natural_epoch: Callable[[nn.Module, dict[str, Any]], None]
 
 
 # -- helpers -----------------------------------------------------------------------------------

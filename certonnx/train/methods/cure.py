@@ -33,10 +33,11 @@ docs/cure.md. The paper's default radii (``--norm linf,l2``) live in
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from certonnx.bounds import InputSet
 from certonnx.errors import CertonnxError
 from certonnx.train.methods.base import (
+    EpochRun,
     Method,
     ModelFn,
     Stats,
@@ -89,14 +91,20 @@ def combine_losses(per_norm: dict[str, torch.Tensor], variant: str) -> torch.Ten
     raise CertonnxError(f"unknown cure_variant {variant!r} (expected one of {', '.join(VARIANTS)})")
 
 
-def bound_alignment(lb_inf: torch.Tensor, lb_l2: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``KL(p_∞ ‖ p_2)`` per sample, averaged over ``mask`` (all samples when None; 0 if empty).
+def bound_alignment(lb_inf: torch.Tensor, lb_l2: torch.Tensor, mask: torch.Tensor | None = None, *,
+                    detach_target: bool = True) -> torch.Tensor:
+    """``KL(p_t ‖ p_o)`` per sample for target bounds ``lb_inf`` (t) and the other ``lb_l2`` (o),
+    averaged over ``mask`` (all samples when None; 0 if empty). The names are those of the
+    reverse direction; the official default calls it with the L2 bounds as the target.
 
-    ``p_n`` is the softmax of the worst-case logits under norm ``n``; ``p_∞`` is the target
-    (detached), so only the L2 bounds are pulled. Zero iff the two vectors agree.
+    ``p_n`` is the softmax of the worst-case logits under norm ``n``; with ``detach_target`` the
+    target is detached, so only the other bounds are pulled (the official code detaches
+    neither). Zero iff the two vectors agree.
     """
     log_p2 = F.log_softmax(worst_case_logits(lb_l2), dim=1)
-    log_pinf = F.log_softmax(worst_case_logits(lb_inf), dim=1).detach()
+    log_pinf = F.log_softmax(worst_case_logits(lb_inf), dim=1)
+    if detach_target:
+        log_pinf = log_pinf.detach()
     kl = (log_pinf.exp() * (log_pinf - log_p2)).sum(1)
     if mask is None:
         return kl.mean()
@@ -138,6 +146,40 @@ def surrogate_loss(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor 
     return s + lin - lin.detach()
 
 
+#: λ₂ of the official L2 term: every official script passes 1e-5 (scripts/*/joint.sh, ours.sh)
+OFFICIAL_LAMBDA_L2 = 1e-5
+
+#: ``cure_preset`` -> option values, from the official MNIST-small scripts: ``ours.sh`` (CURE-Scratch:
+#: ``--max --lp --gp --lbd 2.0 --beta 0.8 --lambda_ratio 0.4 --lambda_ratio_L2 0.00001``) and
+#: ``finetune_linf.sh`` (CURE-Finetune: ``--max --lp --lbd 0.5``, no ``--gp``). The schedule flags
+#: (epochs, learning rate, ε ramp) are the trainer's: docs/cure.md gives the command lines.
+PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "scratch": {"cure_variant": "max", "cure_align": 2.0, "cure_align_dir": "l2", "cure_gp_epoch": 0.8,
+                "cure_l2_region": "official", "cure_lambda": 0.4},
+    "finetune": {"cure_variant": "max", "cure_align": 0.5, "cure_align_dir": "l2", "cure_l2_region": "official",
+                 "cure_lambda": 0.4},
+}
+
+
+def gradient_projection(start: dict[str, torch.Tensor], cert: dict[str, torch.Tensor],
+                        natural: dict[str, torch.Tensor], beta: float) -> dict[str, torch.Tensor]:
+    """CURE's per-epoch gradient projection (src/main.py ``gp``): per floating tensor,
+    ``θ₀ + β·max(cos(Δ_cert, Δ_nat), 0)·Δ_nat + (1 − β)·Δ_cert`` with the updates ``Δ`` of the
+    certified epoch and of a natural epoch from the same start ``θ₀``; other entries (integer
+    counters) take the certified state, as the official code does for 0-d entries."""
+    out: dict[str, torch.Tensor] = {}
+    for k, t0 in start.items():
+        if not t0.is_floating_point() or t0.ndim == 0:
+            out[k] = cert[k]
+            continue
+        d_cert, d_nat = cert[k] - t0, natural[k] - t0
+        cos = F.cosine_similarity(d_cert.reshape(1, -1).double(), d_nat.reshape(1, -1).double(), eps=1e-12)
+        w = float(cos.clamp(min=0))
+        out[k] = t0 + beta * w * d_nat + (1 - beta) * d_cert
+    return out
+
+
 # -- the method ----------------------------------------------------------------------------------
 
 class CURE(Method):
@@ -148,6 +190,10 @@ class CURE(Method):
 
     @dataclass(frozen=True)
     class Options(MethodOptions):
+        cure_preset: Literal["none", "scratch", "finetune"] = option(
+            "none", "the paper's configurations (scripts/*/ours.sh, finetune_linf.sh): scratch = max, "
+            "alignment 2.0, per-epoch projection β 0.8; finetune = max, alignment 0.5; both with the official "
+            "L2 term and λ 0.4. Keys given explicitly override the preset")
         cure_variant: Literal["joint", "max", "random"] = option(
             "joint", "how the norms combine: mean of the losses, per-sample worst norm, one random norm per batch")
         cure_lambda: float = option(0.4, "τ/ε of the propagated region, every norm (1: IBP on the whole ball)",
@@ -155,9 +201,18 @@ class CURE(Method):
         cure_lambda_linf: float | None = option(None, "L∞ override of cure_lambda", gt=0, le=1)
         cure_lambda_l2: float | None = option(None, "L2 override of cure_lambda", gt=0, le=1)
         cure_lambda_l1: float | None = option(None, "L1 override of cure_lambda", gt=0, le=1)
-        cure_align: float = option(0.0, "bound-alignment weight η (0: off)", ge=0)
+        cure_l2_region: Literal["official", "ball"] = option(
+            "official", "the L2 term: official = L2-PGD point, then a tiny L∞ box of radius λ₂·ε₂ (λ₂ = "
+            "cure_lambda_l2, default 1e-5 as in every official script); ball = an L2 ball of radius λ·ε₂")
+        cure_align: float = option(0.0, "bound-alignment weight η (0: off; official 2.0, 0.5 for MNIST large)", ge=0)
+        cure_align_dir: Literal["l2", "linf"] = option(
+            "l2", "alignment direction: l2 = KL(p₂‖p∞) on the samples whose L2 worst-case logits are correct "
+            "(official default, MNIST); linf = KL(p∞‖p₂) on the L∞-correct ones (official --reverse, CIFAR)")
         cure_align_on: Literal["certified", "all"] = option(
-            "certified", "samples the alignment uses: the L∞-certified ones or all")
+            "certified", "samples the alignment uses: the correct ones of cure_align_dir's norm, or all")
+        cure_gp_epoch: float = option(
+            0.0, "official gradient projection, once per epoch after the ε ramp: β, the weight of the natural "
+            "update (0: off; official 0.8)", ge=0, le=1)
         cure_gp: float = option(1.0, "gradient-projection factor β, weight of the certified gradient (1: off)",
                                 ge=0, le=1)
         cure_gp_project: bool = option(True, "project the natural gradient onto the certified one (false: mix)")
@@ -165,8 +220,10 @@ class CURE(Method):
         pgd_steps: int = pgd_steps_option()
 
         def lam(self, norm: str) -> float:
-            """λ of ``norm``: its override, else ``cure_lambda``."""
+            """λ of ``norm``: its override, else ``cure_lambda`` (the official L2 region: 1e-5)."""
             own = getattr(self, f"cure_lambda_{norm}", None)
+            if own is None and norm == "l2" and self.cure_l2_region == "official":
+                return OFFICIAL_LAMBDA_L2
             return self.cure_lambda if own is None else own
 
     def region_bounds(self, model_fn: ModelFn, bm, x: torch.Tensor, y: torch.Tensor, eps: float,
@@ -180,7 +237,41 @@ class CURE(Method):
             c = shrink_into_ball(x, x_adv, eps, tau, norm, ctx.domain)
         else:
             c = x
-        return bound_margins(bm, InputSet(c, tau, norm=norm, domain=ctx.domain), y, self.bound_method, ctx)
+        # the official L2 term bounds an L∞ box of radius τ around the L2 attack point
+        # (src/train.py get_propagation_region_joint -> adv_whitebox_L2's box): L2 adversarial
+        # training of the SABR kind; the box lies in the L2 ε-ball only when τ·√d ≤ ε - |c - x|,
+        # which the official λ₂ = 1e-5 makes true for MNIST and CIFAR
+        region = "linf" if norm == "l2" and o.cure_l2_region == "official" else norm
+        return bound_margins(bm, InputSet(c, tau, norm=region, domain=ctx.domain), y, self.bound_method, ctx)
+
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any] | MethodOptions | None, *,
+                      strict: bool = True) -> MethodOptions:
+        """As :meth:`Method.parse_options`, with ``cure_preset``'s values under the keys given."""
+        if isinstance(options, Mapping):
+            given = {str(k).strip().replace("-", "_"): v for k, v in options.items()}
+            preset = str(given.get("cure_preset", "none")).strip().lower()
+            if preset not in PRESETS:
+                raise CertonnxError(f"unknown cure_preset {preset!r} (expected one of none, {', '.join(PRESETS)})")
+            options = {**PRESETS[preset], **given} if preset != "none" else given
+        return super().parse_options(options, strict=strict)
+
+    def wants_epoch_start(self, epoch: int, options: Any, ramp_end: int) -> bool:
+        """The official projection runs after the ε ramp (main.py: ``epoch > end_epoch_eps``)."""
+        o: Any = options if isinstance(options, self.Options) else self.parse_options(options, strict=False)
+        return o.cure_gp_epoch > 0 and epoch >= ramp_end
+
+    def after_epoch(self, run: EpochRun) -> None:
+        """Train a copy of the start-of-epoch model one natural epoch and combine the two
+        updates with :func:`gradient_projection`."""
+        o: Any = run.options if isinstance(run.options, self.Options) else self.parse_options(run.options, strict=False)
+        clone = copy.deepcopy(run.module)
+        clone.load_state_dict(run.start_state)
+        run.natural_epoch(clone, run.start_optimizer)
+        cert = {k: v.detach() for k, v in run.module.state_dict().items()}
+        nat = {k: v.detach() for k, v in clone.state_dict().items()}
+        new = gradient_projection(run.start_state, cert, nat, o.cure_gp_epoch)
+        run.module.load_state_dict(new)
 
     def loss(self, model_fn: ModelFn, bm: BoundedModule | None, x: torch.Tensor, y: torch.Tensor,
              eps: float, norm: str, ctx: StepContext) -> tuple[torch.Tensor, Stats]:
@@ -218,8 +309,12 @@ class CURE(Method):
         cert_loss = combine_losses(per_sample, variant)
         align = None
         if align_w > 0 and "linf" in lbs and "l2" in lbs:
-            mask = (lbs["linf"].detach().amin(1) > 0) if o.cure_align_on == "certified" else None
-            align = bound_alignment(lbs["linf"], lbs["l2"], mask)
+            by = o.cure_align_dir
+            mask = (lbs[by].detach().amin(1) > 0) if o.cure_align_on == "certified" else None
+            if by == "l2":  # official default: KL(p₂ ‖ p∞), gradients into both (src/train.py, args.lp)
+                align = bound_alignment(lbs["l2"], lbs["linf"], mask, detach_target=False)
+            else:
+                align = bound_alignment(lbs["linf"], lbs["l2"], mask)
             cert_loss = cert_loss + align_w * align
         cert_loss = add_regularizer(cert_loss, torch.stack(regs).mean() if regs else None, ctx)
         if clean_w > 0 and clean_ce is not None:
