@@ -415,6 +415,8 @@ def finetune(model: str | Path | None, data: str | Path, *, norms: Mapping[str, 
         cm.module.eval()
         before = certify_dataset(cm, xt, yt, norms_d, eval_method.lower(), batch_size=max(batch_size, 128),
                                  device=dev, progress=False, seed=seed)
+        for msg in reach_warnings(before):
+            say(f"note: {msg}")
     cfg, log = _train(plan, cm, x, y, norms_d, num_classes=cm.num_classes, epochs=epochs, batch_size=batch_size,
                       optimizer=optimizer, lr_schedule=lr_schedule, lr_milestones=lr_milestones, lr_decay=lr_decay,
                       weight_decay=weight_decay, eps_schedule=eps_schedule, grad_clip=grad_clip, seed=seed,
@@ -444,6 +446,8 @@ def finetune(model: str | Path | None, data: str | Path, *, norms: Mapping[str, 
     reasons = _worse_reasons(res.get("evaluation"), before, yt, max_clean_drop)
     accepted = not reasons or accept_worse
     res["before"] = before
+    if before is not None:
+        res["reach_warnings"] = reach_warnings(before)
     res["verdict"] = {"accepted": accepted, "reasons": reasons, "accept_worse": accept_worse}
     if not accepted:
         out = Path(plan.output)
@@ -458,6 +462,28 @@ def finetune(model: str | Path | None, data: str | Path, *, norms: Mapping[str, 
     if not keep_checkpoints:
         remove_checkpoints(plan.ckdir)
     return cm, res
+
+
+#: a target radius where the input model keeps less than this fraction of its clean accuracy
+#: under PGD is far from what it is robust at: finetune says so before training starts
+REACH_FRACTION = 0.5
+
+
+def reach_warnings(before: Mapping[str, Any]) -> list[str]:
+    """One line per target radius the input model is far from (PGD accuracy there below
+    :data:`REACH_FRACTION` of its clean accuracy), e.g. L2 0.75 for an L∞-trained net: certified
+    accuracy cannot start above PGD accuracy, so training there costs much clean accuracy or
+    does not get there, and the user should know before hours are spent."""
+    clean = float(before["clean_accuracy"])
+    out = []
+    for norm, eps in before["epsilon"].items():
+        pgd = float(before["pgd_accuracy"][norm])
+        if clean > 0 and pgd < REACH_FRACTION * clean:
+            out.append(f"the input model keeps {pgd:.1%} of its samples under PGD at {norm} {eps:g} (clean {clean:.1%}, "
+                       f"certified {float(before['certified_accuracy'][norm]):.1%}): far from robust at this radius, "
+                       "so fine-tuning to it will cost clean accuracy or fall short; a smaller radius or a longer "
+                       "--ramp-epochs may help")
+    return out
 
 
 def _worse_reasons(after: dict[str, Any] | None, before: dict[str, Any] | None, yt: torch.Tensor | None,

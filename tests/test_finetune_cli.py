@@ -196,3 +196,28 @@ def test_worse_reasons() -> None:
     assert any("not above" in r for r in _worse_reasons(rep(0.9, 0.2), rep(0.95, 0.2), y, None))
     assert any("fell 5.0 points" in r for r in _worse_reasons(rep(0.9, 0.5), rep(0.95, 0.2), y, 3.0))
     assert _worse_reasons(rep(0.9, 0.5), None, y, 3.0) == []  # from scratch: only the collapse check
+
+
+def test_reach_warnings_name_the_radii_the_input_model_is_far_from() -> None:
+    from certonnx.api import REACH_FRACTION, reach_warnings
+
+    before = {"clean_accuracy": 0.98, "epsilon": {"linf": 0.1, "l2": 0.75},
+              "pgd_accuracy": {"linf": 0.9, "l2": 0.98 * REACH_FRACTION - 0.01},
+              "certified_accuracy": {"linf": 0.8, "l2": 0.0}}
+    msgs = reach_warnings(before)
+    assert len(msgs) == 1 and "l2 0.75" in msgs[0] and "PGD" in msgs[0]
+    assert reach_warnings({**before, "pgd_accuracy": {"linf": 0.9, "l2": 0.9}}) == []
+
+
+def test_finetune_warns_before_training_at_an_unreachable_radius(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The quick-start MLP (not L2-robust at 2.0): a note before the first epoch, and in the JSON."""
+    model, data = FIX / "mnist_mlp_trained.onnx", FIX / "mnist_200.npz"
+    rc = _run(monkeypatch, tmp_path, "finetune", str(model), "--data", str(data), "--norm", "l2:2.0", "--method",
+              "ibp", "--epochs", "1", "--n-train", "32", "--batch-size", "32", "--eval-n", "20", "--eval-method",
+              "ibp", "-o", str(tmp_path / "o.onnx"), "--json", "res.json", "--accept-worse")
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    note = next(ln for ln in err.splitlines() if "under PGD at l2 2" in ln)
+    assert err.index(note) < err.index("epoch 1/1")
+    assert json.loads((tmp_path / "res.json").read_text())["reach_warnings"]
