@@ -343,39 +343,30 @@ def test_certify_plot_shows_pgd_beside_certified(tmp_path: Path, capsys: pytest.
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_certify_timeout_leaves_unknown_never_a_claim(capsys: pytest.CaptureFixture[str]) -> None:
-    """Past ``--timeout`` no bound pass starts: open samples stay unknown (certified accuracy can
-    only drop), the report says how many were cut short; a generous timeout changes nothing."""
-    base = ["certify", MLP, "--data", DATA, "--n", "16", "--norm", "linf:0.02", "--method", "crown-ibp",
-            "--pgd-steps", "2", "--json", "-"]
+@pytest.mark.parametrize("flag,tiny,extra", [
+    ("--timeout", "1e-9", ["--method", "crown-ibp"]),  # whole run
+    ("--sample-timeout", "1e-12", ["--batch-size", "8"]),  # per batch: SECONDS × its size
+])
+def test_certify_timeouts_leave_unknown_never_a_claim(flag: str, tiny: str, extra: list[str],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Past ``--timeout`` (or a batch's ``--sample-timeout`` share) no bound pass starts: open
+    samples stay unknown (certified accuracy can only drop), the attack still runs, the report
+    says how many were cut short; a generous timeout changes nothing; a bad one is a usage error."""
+    base = ["certify", MLP, "--data", DATA, "--n", "16", "--norm", "linf:0.02", "--pgd-steps", "2", *extra,
+            "--json", "-"]
     assert main(base) == 0
     full = json.loads(capsys.readouterr().out)
-    assert main([*base, "--timeout", "1e-9"]) == 0
+    assert main([*base, flag, tiny]) == 0
     cut = json.loads(capsys.readouterr().out)
-    assert cut["timeout"]["reached"] and cut["certified_accuracy"]["linf"] == 0.0
+    key = "seconds" if flag == "--timeout" else "per_sample_seconds"
+    assert cut["timeout"]["reached"] and cut["timeout"][key] == float(tiny)
+    assert cut["certified_accuracy"]["linf"] == 0.0
     assert cut["timeout"]["cut_short"] == round(full["clean_accuracy"] * 16)
     assert cut["pgd_accuracy"] == full["pgd_accuracy"]
-    assert main([*base, "--timeout", "600"]) == 0
+    assert main([*base, flag, "600"]) == 0
     slow = json.loads(capsys.readouterr().out)
     assert not slow["timeout"]["reached"] and slow["certified_accuracy"] == full["certified_accuracy"]
-    assert main([*base, "--timeout", "0"]) == 2 and "--timeout" in capsys.readouterr().err
-
-
-def test_certify_sample_timeout_cuts_each_batch(capsys: pytest.CaptureFixture[str]) -> None:
-    """``--sample-timeout``: each batch's bound passes get SECONDS × its size; a tiny value stops
-    every batch after its first pass (never a claim), a generous one changes nothing."""
-    base = ["certify", MLP, "--data", DATA, "--n", "16", "--norm", "linf:0.02", "--pgd-steps", "2",
-            "--batch-size", "8", "--json", "-"]
-    assert main(base) == 0
-    full = json.loads(capsys.readouterr().out)
-    assert main([*base, "--sample-timeout", "1e-12"]) == 0
-    cut = json.loads(capsys.readouterr().out)
-    assert cut["timeout"]["reached"] and cut["timeout"]["per_sample_seconds"] == 1e-12
-    assert cut["certified_accuracy"]["linf"] == 0.0 and cut["timeout"]["cut_short"] > 0
-    assert main([*base, "--sample-timeout", "600"]) == 0
-    slow = json.loads(capsys.readouterr().out)
-    assert not slow["timeout"]["reached"] and slow["certified_accuracy"] == full["certified_accuracy"]
-    assert main([*base, "--sample-timeout", "-1"]) == 2 and "--sample-timeout" in capsys.readouterr().err
+    assert main([*base, flag, "0"]) == 2 and flag in capsys.readouterr().err
 
 
 def test_auto_budget_skips_expensive_crown_on_a_conv_net(capsys: pytest.CaptureFixture[str]) -> None:

@@ -177,6 +177,11 @@ def pgd_attack(
                 lo, hi = torch.minimum(lo, x), torch.maximum(hi, x)
         alpha = eb * (2.5 / max(steps, 1)) if step_size is None else eb * 0 + step_size
 
+    # the box an L1 step must not push a coordinate out of (the domain, widened to hold x)
+    l1_box: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    if norm == "l1" and domain is not None:
+        l1_box = (torch.minimum(dlo.expand_as(x), x), torch.maximum(dhi.expand_as(x), x))
+
     def project(z: torch.Tensor) -> torch.Tensor:
         if norm in ("linf", "box"):
             return torch.minimum(torch.maximum(z, lo), hi)
@@ -232,9 +237,7 @@ def pgd_attack(
                 if norm in ("linf", "box"):
                     z = z - alpha * g.sign()
                 elif norm == "l1":
-                    dom = (torch.minimum(dlo.expand_as(x), x), torch.maximum(dhi.expand_as(x), x)) \
-                        if domain is not None else (None, None)
-                    z = z + alpha * l1_step(g, z, *dom)
+                    z = z + alpha * l1_step(g, z, *l1_box)
                 else:
                     gn = g / _view(g.flatten(1).norm(dim=1).clamp_min(1e-12), x)
                     z = z - alpha * gn

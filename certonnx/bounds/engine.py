@@ -443,12 +443,7 @@ class BoundedModule:
             n = itv.lower[0].numel()
             B = itv.lower.shape[0]
             lo_flat, hi_flat = itv.lower.reshape(B, n), itv.upper.reshape(B, n)
-            if self._only_relu_users(node):
-                # a ReLU whose input is stable (IBP) is exact; only unstable neurons (in any
-                # sample of the batch) need tighter bounds, which is most of CROWN's saving
-                idx = ((lo_flat < 0) & (hi_flat > 0)).any(0).nonzero().flatten()
-            else:
-                idx = torch.arange(n, device=lo_flat.device)
+            idx = self._rows_to_tighten(node, lo_flat, hi_flat)
             if idx.numel() == 0:
                 continue
             widest = max(r.lower[0].numel() for r in ctx.values.values() if isinstance(r, Interval))
@@ -457,6 +452,14 @@ class BoundedModule:
             new_lo, new_hi = self.tighten_rows(ctx, node, idx, lo_flat, hi_flat, chunk)
             ctx.values[node] = Interval(new_lo.reshape(B, *shape), new_hi.reshape(B, *shape))
             self.refresh_after(ctx, node)
+
+    def _rows_to_tighten(self, node: fx.Node, lo_flat: torch.Tensor, hi_flat: torch.Tensor) -> torch.Tensor:
+        """The neurons of ``node`` (flat, ``(B, n)`` bounds) CROWN tightens: before ReLU-like
+        ops only those unstable in some sample of the batch (a ReLU whose input is stable is
+        exact, which is most of CROWN's saving), else all."""
+        if self._only_relu_users(node):
+            return ((lo_flat < 0) & (hi_flat > 0)).any(0).nonzero().flatten()
+        return torch.arange(lo_flat.shape[1], device=lo_flat.device)
 
     def _only_relu_users(self, node: fx.Node) -> bool:
         users = self.users.get(node, [])
@@ -500,8 +503,7 @@ class BoundedModule:
             if node is self.input_node:
                 continue
             itv = _interval(ctx.values[node])
-            lo, hi = itv.lower.reshape(B, -1), itv.upper.reshape(B, -1)
-            rows = int(((lo < 0) & (hi > 0)).any(0).sum()) if self._only_relu_users(node) else lo.shape[1]
+            rows = self._rows_to_tighten(node, itv.lower.reshape(B, -1), itv.upper.reshape(B, -1)).numel()
             cost += B * rows * prefix[node] / forward
         if method == "alpha-crown":
             cost += B * 3.0 * spec * alpha_steps

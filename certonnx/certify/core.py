@@ -427,7 +427,7 @@ def _bound_verified(
         if use_lirpa:
             lb = lirpa.compute(s, C, method, alpha_steps=alpha_steps)
         if xcheck is not None:
-            _cross_check(bm, lirpa, s, C, method, alpha_steps, xcheck)
+            _cross_check(bm, lirpa, s, C, method, alpha_steps, xcheck, lb if s.norm == "linf" else None)
     for w in caught:
         warn_log.append(str(w.message))
     from certonnx.certify.head import margins_certify
@@ -436,14 +436,16 @@ def _bound_verified(
 
 
 def _cross_check(bm: BoundedModule, lirpa: Any, s: InputSet, C: torch.Tensor, method: str, alpha_steps: int,
-                 log: dict[str, dict[str, Any]]) -> None:
+                 log: dict[str, dict[str, Any]], ours: torch.Tensor | None = None) -> None:
     """certonnx's ``method`` bound against the best of auto_LiRPA's reference methods on the same
-    set (L2: the ball alone on both sides); raise on a bound tighter than auto_LiRPA's."""
+    set (L2, L1: the ball alone on both sides); raise on a bound tighter than auto_LiRPA's.
+    ``ours``: certonnx's bound on ``s`` when the caller has it (L∞: the same set)."""
     from certonnx.bounds.auto_lirpa import ESCALATE, REFERENCES, CrossCheckError, cross_check, informational
 
     same = s if s.norm == "linf" else InputSet(s.x, s.eps, norm=s.norm, domain=None)  # L2, L1: the ball alone
-    with torch.no_grad():
-        ours, _ = bm.compute(same, C=C, method=method, upper=False, alpha_steps=alpha_steps)
+    if ours is None:
+        with torch.no_grad():
+            ours, _ = bm.compute(same, C=C, method=method, upper=False, alpha_steps=alpha_steps)
     refs = {m: lirpa.compute(same, C, m, alpha_steps=alpha_steps) for m in REFERENCES[method]}
     got = cross_check(ours, refs)
     key = f"{s.norm}/{method}"

@@ -630,13 +630,20 @@ def _match_erf_gelu(g: _Graph, erf: onnx.NodeProto) -> tuple[str, str, list[onnx
     if s is None:
         return None
     x, scale = s
-    add = g.sole_use(erf.output[0])
-    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
-        return None
-    if not g.const(g.other(add, erf.output[0]), "one"):
+    add = _plus_one(g, erf.output[0])
+    if add is None:
         return None
     prod = _gelu_product(g, add.output[0], x)
     return None if prod is None else (x, prod[0], [scale, erf, add, *prod[1]])
+
+
+def _plus_one(g: _Graph, name: str) -> onnx.NodeProto | None:
+    """The sole consumer of ``name`` when it is ``name + 1`` (a plain two-input ``Add`` with the
+    constant one), else None: the ``1 + erf(·)`` / ``1 + tanh(·)`` of both GELU forms."""
+    add = g.sole_use(name)
+    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+        return None
+    return add if g.const(g.other(add, name), "one") else None
 
 
 def _match_cube(g: _Graph, name: str) -> tuple[str, list[onnx.NodeProto]] | None:
@@ -674,10 +681,8 @@ def _match_tanh_gelu(g: _Graph, tanh: onnx.NodeProto) -> tuple[str, str, list[on
         cube = _match_cube(g, c[0])
         if cube is None or cube[0] != x:
             continue
-        one = g.sole_use(tanh.output[0])
-        if one is None or one.op_type != "Add" or one.domain not in ("", "ai.onnx") or len(one.input) != 2:
-            return None
-        if not g.const(g.other(one, tanh.output[0]), "one"):
+        one = _plus_one(g, tanh.output[0])
+        if one is None:
             return None
         prod = _gelu_product(g, one.output[0], x)
         if prod is None:
