@@ -36,6 +36,7 @@ from certonnx.errors import CertonnxError, ConfigError
 if TYPE_CHECKING:
     import torch
 
+    from certonnx.certify.smoothing import SmoothingOptions
     from certonnx.graph.model import CertModel
     from certonnx.train.methods.options import MethodOptions
 
@@ -203,7 +204,7 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
             extra_outputs: Mapping[str, str | None] | None = None, per_sample: bool = False,
             timeout: float | None = None, sample_timeout: float | None = None,
             auto_budget: float | None = None, backend: str = "certonnx",
-            cross_check: bool = False) -> dict[str, Any]:
+            cross_check: bool = False, smoothing: SmoothingOptions | None = None) -> dict[str, Any]:
     """Certify the ONNX file ``model`` on ``data`` (an .npz or any form of
     :func:`certonnx.data.load_data`, split ``split``): the ``certonnx certify`` report.
 
@@ -223,6 +224,9 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
     crown-ibp run's (``math.inf``: the full cascade). ``backend="auto_lirpa"`` bounds with an
     installed auto_LiRPA on the same imported graph; ``cross_check`` runs it beside certonnx's
     engine and fails where certonnx claims more (:mod:`certonnx.bounds.auto_lirpa`).
+    ``method="smoothing"``: randomized smoothing with ``smoothing``'s parameters
+    (:mod:`certonnx.certify.smoothing`), a probabilistic certificate about the smoothed
+    classifier, reported under ``report["smoothing"]`` and never as a deterministic number.
     """
     import torch
 
@@ -231,9 +235,19 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
 
     model, data, say = str(model), str(data), echo or _quiet
     norms, method = _norms(norms), method.lower()
-    choices = ("auto", *_bound_methods(), "lipschitz")
+    choices = ("auto", *_bound_methods(), "lipschitz", "smoothing")
     if method not in choices:
         raise ConfigError(f"{method!r} is not one of {', '.join(choices)}", "--method")
+    if smoothing is not None and method != "smoothing":
+        raise ConfigError(f"--sigma/--noise-samples/--selection-samples/--alpha apply to --method smoothing "
+                          f"(got --method {method})", "--sigma")
+    if method == "smoothing":
+        _check_smoothing_flags(radius or plot is not None, per_sample, backend, cross_check, timeout,
+                               sample_timeout, auto_budget)
+        from certonnx.certify.smoothing import SmoothingOptions as _Opts
+
+        smoothing = smoothing or _Opts()
+        smoothing.validate()
     if timeout is not None and not timeout > 0:
         raise ConfigError("must be a positive number of seconds", "--timeout")
     if sample_timeout is not None and not sample_timeout > 0:
@@ -282,7 +296,13 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
     hint = normalization_hint(cm, x, y)
     if hint is not None:
         say(f"note: {hint['message']}")
-    if method == "lipschitz":
+    if method == "smoothing":
+        from certonnx.certify.smoothing import certify_smoothing
+
+        assert smoothing is not None
+        res = certify_smoothing(cm, x, y, norms, smoothing, device=dev, seed=seed, onnx_path=model,
+                                ort_inputs=stored, progress=progress)
+    elif method == "lipschitz":
         # margin / (Lipschitz constant): cheap and sound, usually loose except for Lipschitz-trained models
         from certonnx.certify.lipschitz_cert import certify_lipschitz
 
@@ -324,6 +344,19 @@ def certify(model: str | Path, data: str | Path, *, norms: Mapping[str, float] |
     return res
 
 
+def _check_smoothing_flags(radius: bool, per_sample: bool, backend: str, cross_check: bool,
+                           timeout: float | None, sample_timeout: float | None, auto_budget: float | None) -> None:
+    """Flags of the deterministic methods that mean nothing for randomized smoothing (its JSON
+    always holds each sample's radius and prediction)."""
+    given = {"--radius/--plot": radius, "--per-sample": per_sample, "--backend": backend != "certonnx",
+             "--cross-check": cross_check, "--timeout": timeout is not None,
+             "--sample-timeout": sample_timeout is not None, "--auto-budget": auto_budget is not None}
+    for flag, on in given.items():
+        if on:
+            raise ConfigError("does not apply to --method smoothing (its JSON holds every sample's certified "
+                              "L2 radius and smoothed prediction)", flag)
+
+
 def _load_for_certify(model: str, data: str, norms: dict[str, float], split: str, n: int | None,
                       mean: Sequence[float] | None, std: Sequence[float] | None
                       ) -> tuple[Any, Any, Any, dict[str, Any], Any, str]:
@@ -341,7 +374,13 @@ def _load_for_certify(model: str, data: str, norms: dict[str, float], split: str
 
 def _export_certified(cm: CertModel, res: dict[str, Any], info: dict[str, Any], output: str) -> None:
     import certonnx
-    from certonnx.io.metadata import certificate_from_result
+    from certonnx.io.metadata import certificate_from_result, certificate_from_smoothing
+
+    if res["method"] == "smoothing":
+        cert = certificate_from_smoothing(res, dataset_sha256=info["sha256"], extra={"data": res["data"]})
+        certonnx.export(cm, output, certificate=cert)
+        res["output"] = str(output)
+        return
 
     cert = certificate_from_result(
         res, dataset_sha256=info["sha256"],

@@ -10,6 +10,10 @@ Requirement grammar (one per ``--require``)::
     METRIC[:EPS] OP VALUE
     METRIC = linf | l2 | l1 (certified accuracy under that norm) | union (certified under every
              norm at once) | clean (accuracy without perturbation) | pgd-linf | pgd-l2 | pgd-l1
+             | smoothed-linf | smoothed-l2 | smoothed-l1 | smoothed-union | smoothed-clean (the
+             probabilistic randomized-smoothing certificate of ``certify --method smoothing``,
+             read only from the certificate's ``probabilistic`` section, never from the
+             deterministic numbers, and the other way round)
     EPS    = radius in the certificate's input space (raw pixels), a number or a fraction like
              8/255; omitted: the certificate's ε
     OP     = >= | >
@@ -36,7 +40,9 @@ _REQ = re.compile(
     re.I,
 )
 NORM_METRICS = ("linf", "l2", "l1")
-METRICS = (*NORM_METRICS, "union", "clean", "pgd-linf", "pgd-l2", "pgd-l1")
+SMOOTHED = "smoothed-"
+SMOOTHED_METRICS = tuple(SMOOTHED + m for m in (*NORM_METRICS, "union", "clean"))
+METRICS = (*NORM_METRICS, "union", "clean", "pgd-linf", "pgd-l2", "pgd-l1", *SMOOTHED_METRICS)
 _ALIASES = {"inf": "linf", "l_inf": "linf", "linfty": "linf", "2": "l2", "l_2": "l2", "1": "l1", "l_1": "l1",
             "all": "union", "accuracy": "clean", "pgd_linf": "pgd-linf", "pgd_l2": "pgd-l2", "pgd_l1": "pgd-l1"}
 # ε values are printed with a few digits, so compare them with a relative tolerance
@@ -57,12 +63,18 @@ class Requirement:
     op: str
     value: float
 
+    @property
+    def probabilistic(self) -> bool:
+        """A requirement on the randomized-smoothing certificate (``smoothed-*``)."""
+        return self.metric.startswith(SMOOTHED)
+
     def norm(self) -> str | None:
         """The norm this requirement is about (``None`` for clean/union)."""
-        if self.metric in NORM_METRICS:
-            return self.metric
-        if self.metric.startswith("pgd-"):
-            return self.metric[4:]
+        metric = self.metric[len(SMOOTHED):] if self.probabilistic else self.metric
+        if metric in NORM_METRICS:
+            return metric
+        if metric.startswith("pgd-"):
+            return metric[4:]
         return None
 
     def holds(self, actual: float) -> bool:
@@ -98,12 +110,14 @@ def _metric(name: str) -> str:
     """The metric's canonical name: norms as :func:`~certonnx.certify.norms.canonical_norm`
     spells them (``Linf``, ``LINF``, ``L2`` too), also after ``pgd-``."""
     metric = name.lower()
+    smoothed = SMOOTHED if metric.startswith(("smoothed-", "smoothed_")) else ""
+    metric = metric[len(smoothed):]
     metric = _ALIASES.get(metric, metric)
     prefix = "pgd-" if metric.startswith(("pgd-", "pgd_")) else ""
     try:
-        return prefix + canonical_norm(metric[len(prefix):])
+        return smoothed + prefix + canonical_norm(metric[len(prefix):])
     except ValueError:
-        return metric
+        return smoothed + metric
 
 
 def parse_requirement(text: str) -> Requirement:
@@ -119,7 +133,7 @@ def parse_requirement(text: str) -> Requirement:
         raise RequirementError(f"unknown metric {m.group('metric')!r} in {text!r} (choose from {', '.join(METRICS)})")
     eps: float | None = None
     if m.group("eps") is not None:
-        if metric in ("union", "clean"):
+        if metric in ("union", "clean", SMOOTHED + "union", SMOOTHED + "clean"):
             raise RequirementError(f"{text!r}: {metric} takes no ε (the ε of each norm applies)")
         try:
             eps = parse_eps(m.group("eps"))
@@ -150,40 +164,14 @@ def evaluate(requirements: list[Requirement], numbers: dict[str, Any], source: s
     ``numbers`` has the certificate/certify keys: ``norms`` (or ``epsilon``), ``clean_accuracy``,
     ``certified_accuracy``, ``union_certified_accuracy``, ``pgd_accuracy``.
     """
-    norms: dict[str, float] = dict(numbers.get("norms") or numbers.get("epsilon") or {})
-    cert_acc: dict[str, float] = dict(numbers.get("certified_accuracy") or {})
-    pgd_acc: dict[str, float] = dict(numbers.get("pgd_accuracy") or {})
     out: list[Outcome] = []
     for r in requirements:
         o = Outcome(requirement=r.text, passed=False, actual=None, required=r.value, op=r.op, eps=r.eps,
                     source=source)
-        if r.metric == "clean":
-            o.actual = numbers.get("clean_accuracy")
-        elif r.metric == "union":
-            u = numbers.get("union_certified_accuracy")
-            if u is None and len(cert_acc) == 1:
-                u = next(iter(cert_acc.values()))  # one norm: "all norms at once" is that norm
-            o.actual = u
-            if u is None:
-                o.reason = f"{source} has no union certified accuracy"
+        if r.probabilistic:
+            _evaluate_smoothed(r, o, numbers.get("probabilistic"), source)
         else:
-            norm = r.norm()
-            table = cert_acc if r.metric in NORM_METRICS else pgd_acc
-            what = "certified" if r.metric in NORM_METRICS else "PGD"
-            if norm not in norms or norm not in table:
-                have = ", ".join(f"{k}:{v:g}" for k, v in norms.items()) or "none"
-                o.reason = f"{source} has no {what} accuracy for {norm} (it covers {have})"
-            else:
-                have_eps = float(norms[norm])
-                o.eps = have_eps if r.eps is None else r.eps
-                # PGD accuracy is an *upper* bound on robust accuracy: it does not transfer to other ε
-                ok_eps = (_eps_covers(have_eps, o.eps) if r.metric in NORM_METRICS
-                          else math.isclose(have_eps, o.eps, rel_tol=_EPS_RTOL, abs_tol=1e-12))
-                if not ok_eps:
-                    o.reason = (f"{source} covers {norm} at ε={have_eps:g}, not the required ε={o.eps:g}"
-                                " (re-certify with --data ... --recertify)")
-                else:
-                    o.actual = float(table[norm])
+            _evaluate_deterministic(r, o, numbers, source)
         if o.actual is not None:
             o.passed = r.holds(float(o.actual))
             if not o.passed:
@@ -193,11 +181,75 @@ def evaluate(requirements: list[Requirement], numbers: dict[str, Any], source: s
     return out
 
 
+def _evaluate_smoothed(r: Requirement, o: Outcome, prob: dict[str, Any] | None, source: str) -> None:
+    """``o.actual`` from the probabilistic section (or ``o.reason`` why there is none)."""
+    if not prob:
+        o.reason = (f"{source} has no probabilistic (randomized smoothing) certificate: write one with "
+                    "`certonnx certify --method smoothing -o`")
+        return
+    metric = r.metric[len(SMOOTHED):]
+    if metric == "clean":
+        o.actual = prob.get("smoothed_accuracy")
+        return
+    if metric == "union":
+        o.actual = prob.get("union_certified_accuracy")
+        return
+    _norm_outcome(r, o, dict(prob.get("norms") or {}), dict(prob.get("certified_accuracy") or {}),
+                  f"{source}'s probabilistic section", "smoothed certified", covers_smaller=True,
+                  again=" (certify again with --method smoothing at that ε)")
+
+
+def _norm_outcome(r: Requirement, o: Outcome, norms: dict[str, float], table: dict[str, float], source: str,
+                  what: str, covers_smaller: bool, hint: str = "",
+                  again: str = " (re-certify with --data ... --recertify)") -> None:
+    norm = r.norm()
+    if norm not in norms or norm not in table:
+        have = ", ".join(f"{k}:{v:g}" for k, v in norms.items()) or "none"
+        o.reason = f"{source} has no {what} accuracy for {norm} (it covers {have}){hint}"
+        return
+    have_eps = float(norms[norm])
+    o.eps = have_eps if r.eps is None else r.eps
+    # PGD accuracy is an *upper* bound on robust accuracy: it does not transfer to other ε
+    ok_eps = (_eps_covers(have_eps, o.eps) if covers_smaller
+              else math.isclose(have_eps, o.eps, rel_tol=_EPS_RTOL, abs_tol=1e-12))
+    if not ok_eps:
+        o.reason = f"{source} covers {norm} at ε={have_eps:g}, not the required ε={o.eps:g}{again}"
+    else:
+        o.actual = float(table[norm])
+
+
+def _evaluate_deterministic(r: Requirement, o: Outcome, numbers: dict[str, Any], source: str) -> None:
+    """``o.actual`` from the deterministic numbers (or ``o.reason`` why there is none)."""
+    norms: dict[str, float] = dict(numbers.get("norms") or numbers.get("epsilon") or {})
+    cert_acc: dict[str, float] = dict(numbers.get("certified_accuracy") or {})
+    pgd_acc: dict[str, float] = dict(numbers.get("pgd_accuracy") or {})
+    hint = (f"; its {', '.join(numbers['probabilistic'].get('norms') or {})} numbers are probabilistic "
+            "(randomized smoothing): require smoothed-<norm> for those" if numbers.get("probabilistic") else "")
+    if r.metric == "clean":
+        o.actual = numbers.get("clean_accuracy")
+    elif r.metric == "union":
+        u = numbers.get("union_certified_accuracy")
+        if u is None and len(cert_acc) == 1:
+            u = next(iter(cert_acc.values()))  # one norm: "all norms at once" is that norm
+        o.actual = u
+        if u is None:
+            o.reason = f"{source} has no union certified accuracy{hint}"
+    else:
+        det = r.metric in NORM_METRICS
+        _norm_outcome(r, o, norms, cert_acc if det else pgd_acc, source, "certified" if det else "PGD",
+                      covers_smaller=det, hint=hint)
+
+
 def recertify_norms(requirements: list[Requirement], certificate: dict[str, Any] | None) -> dict[str, float]:
     """The norms and radii a fresh certification must cover: each norm's required ε (the largest
     one asked for), else the certificate's ε for that norm."""
     have = dict((certificate or {}).get("norms") or {})
     out: dict[str, float] = {}
+    smoothed = [r.text for r in requirements if r.probabilistic]
+    if smoothed:
+        raise RequirementError(f"{smoothed[0]!r}: smoothed-* requirements are checked against the stored "
+                               "certificate only; re-certify with `certonnx certify --method smoothing -o` and check "
+                               "that file without --data")
     for r in requirements:
         norm = r.norm()
         if norm is None:

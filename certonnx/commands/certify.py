@@ -54,9 +54,10 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> in
 @click.option("--norm", "norms", required=True, callback=norms_option, metavar="NORM:EPS[,NORM:EPS]",
               help="Perturbation radii in raw input space, e.g. linf:0.1,l2:0.5 or linf:8/255 (norms: linf/inf, l2, l1; "
                    "any case).")
-@bound_method_option(before=("auto",), after=("lipschitz",), default="auto",
+@bound_method_option(before=("auto",), after=("lipschitz", "smoothing"), default="auto",
                      help="Bound method; auto = ibp -> crown-ibp -> crown -> alpha-crown, each only on samples "
-                          "still open, crown and alpha-crown only within --auto-budget.")
+                          "still open, crown and alpha-crown only within --auto-budget. smoothing: randomized "
+                          "smoothing, a probabilistic certificate of the smoothed classifier, reported apart.")
 @click.option("--auto-budget", type=float, default=None, metavar="X",
               help="With --method auto: run crown / alpha-crown on a batch only while the estimated work stays "
                    "within X × that of --method crown-ibp (attack included) [default: 4; inf = the whole "
@@ -90,7 +91,15 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> in
               help="Memory budget per batch (e.g. 4G); methods over it fall back to cheaper ones, with a warning.")
 @click.option("--pgd-steps", type=click.IntRange(min=0), default=20, show_default=True, help="PGD steps per restart.")
 @click.option("--pgd-restarts", type=click.IntRange(min=1), default=1, show_default=True, help="PGD restarts.")
-@seed_option("Seed of PGD's random starts.")
+@click.option("--sigma", type=float, default=None, metavar="SIGMA",
+              help="--method smoothing: std of the Gaussian noise in raw input units [default: 0.25].")
+@click.option("--noise-samples", type=click.IntRange(min=1), default=None, metavar="N",
+              help="--method smoothing: noisy copies per sample for the estimate [default: 10000].")
+@click.option("--selection-samples", type=click.IntRange(min=1), default=None, metavar="N0",
+              help="--method smoothing: noisy copies that select the class [default: 100].")
+@click.option("--alpha", type=float, default=None, metavar="ALPHA",
+              help="--method smoothing: failure probability of each sample's certificate [default: 0.001].")
+@seed_option("Seed of PGD's random starts (and of the smoothing noise).")
 def command(model: str, data: str, json_out: str | None, **kw: Any) -> int:
     """Certify MODEL on a dataset: clean, PGD and certified accuracy for each norm.
 
@@ -104,16 +113,59 @@ def command(model: str, data: str, json_out: str | None, **kw: Any) -> int:
     --mean/--std so certonnx prepends the normalization (ε again in pixel space).
     Per sample and norm: verified (proven robust), falsified (an attack found a
     misclassified point, confirmed by onnxruntime) or unknown.
+
+    --method smoothing certifies the smoothed classifier instead (randomized smoothing,
+    Cohen et al. 2019): a probabilistic claim, reported and stored apart from the others.
     """
     from certonnx import api
 
     console, err = consoles(json_out)
     with usage_errors():
+        kw["smoothing"] = _smoothing_options(kw)
         res = api.certify(model, data, progress=True, echo=stderr_echo(err), extra_outputs={"--json": json_out},
                           **kw)
-    _table(console, res, model)
+    if res["method"] == "smoothing":
+        _smoothing_table(console, res, model)
+    else:
+        _table(console, res, model)
     write_json(json_out, res)
     return 0
+
+
+def _smoothing_options(kw: dict[str, Any]) -> Any:
+    """The smoothing flags as :class:`~certonnx.certify.smoothing.SmoothingOptions` (None when
+    none is given), popped from ``kw``."""
+    given = {k: kw.pop(f) for k, f in (("sigma", "sigma"), ("n", "noise_samples"), ("n0", "selection_samples"),
+                                       ("alpha", "alpha"))}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    from certonnx.certify.smoothing import SmoothingOptions
+
+    return SmoothingOptions(**given, batch=max(1, int(kw.get("batch_size") or 128)) * 8)
+
+
+def _smoothing_table(console: Any, res: dict[str, Any], model: str) -> None:
+    from rich.table import Table
+
+    s = res["smoothing"]
+    t = Table(title=f"certonnx certify {Path(model).name}: {res['n']} samples, randomized smoothing "
+                    f"(σ {s['sigma']:g}, n0 {s['n0']}, n {s['n']}, α {s['alpha']:g})")
+    for col in ("norm", "ε", "L2 radius needed", "smoothed accuracy", "certified (probabilistic)"):
+        t.add_column(col, justify="right" if col != "norm" else "left")
+    for norm, eps in res["epsilon"].items():
+        t.add_row(norm, f"{eps:g}", f"{s['l2_equivalent'][norm]:.4g}", f"{s['accuracy']:.2%}",
+                  f"{s['certified_accuracy'][norm]:.2%}")
+    if len(res["epsilon"]) > 1:
+        t.add_row("all at once", "", "", "", f"{s['union_certified_accuracy']:.2%}")
+    console.print(t)
+    console.print(f"model itself (no noise): clean accuracy {res['clean_accuracy']:.2%}; the smoothed classifier "
+                  f"abstained on {s['abstained']} sample(s); mean certified L2 radius {s['mean_radius_l2']:.4g}; "
+                  f"votes from {s['votes_from']}.")
+    console.print(f"The certificate is {s['meaning']}.")
+    console.print(f"ε is measured in {res['input_space']['description']}.")
+    console.print(f"{res['seconds']:.1f}s" + (f"; model with certificate written to {res['output']}"
+                                               if "output" in res else ""))
 
 
 def _table(console: Any, res: dict[str, Any], model: str) -> None:

@@ -238,6 +238,14 @@ def render(info: dict[str, Any]) -> None:
             c.add_row(f"certified {k} ε={eps:g}", f"{acc:.4f}{extra}" if acc is not None else "?")
         if cert.get("union_certified_accuracy") is not None:
             c.add_row("certified for all norms", f"{cert['union_certified_accuracy']:.4f}")
+        prob = cert.get("probabilistic")
+        if prob:
+            c.add_row("probabilistic", f"randomized smoothing, σ {prob.get('sigma')}, α {prob.get('alpha')}: the "
+                      "smoothed classifier, not the model alone (check --require smoothed-...)")
+            c.add_row("smoothed accuracy", f"{prob.get('smoothed_accuracy', float('nan')):.4f}")
+            for k, eps in (prob.get("norms") or {}).items():
+                acc = (prob.get("certified_accuracy") or {}).get(k)
+                c.add_row(f"smoothed certified {k} ε={eps:g}", f"{acc:.4f}" if acc is not None else "?")
         c.add_row("weights fingerprint",
                   "[green]matches the weights[/green]" if cert.get("weights_match")
                   else "[red]does NOT match the weights in this file[/red]")

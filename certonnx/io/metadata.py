@@ -86,6 +86,33 @@ def certificate_from_result(result: dict[str, Any], *, verifier: str, dataset_sh
     )
 
 
+def certificate_from_smoothing(result: dict[str, Any], *, dataset_sha256: str | None,
+                               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A certificate from a ``certify --method smoothing`` result: the probabilistic numbers go
+    under ``"probabilistic"`` and the deterministic fields stay empty (``norms`` ``{}``,
+    ``certified_accuracy`` ``{}``, union ``None``), so no reader of deterministic numbers —
+    ``check --require linf:…`` included — can take a probabilistic claim for a proof."""
+    s = result["smoothing"]
+    cert = make_certificate(
+        norms={}, input_space=result["input_space"], method="smoothing",
+        verifier=f"certonnx certify (randomized smoothing, votes from {s['votes_from']})",
+        dataset_sha256=dataset_sha256, n=result["n"], clean_accuracy=result["clean_accuracy"],
+        certified_accuracy={}, union_certified_accuracy=None, pgd_accuracy=None, extra=extra,
+    )
+    cert["probabilistic"] = {
+        "method": "randomized-smoothing", "meaning": s["meaning"],
+        "sigma": float(s["sigma"]), "alpha": float(s["alpha"]), "n0": int(s["n0"]), "n_samples": int(s["n"]),
+        "norms": {str(k): float(v) for k, v in result["epsilon"].items()},
+        "smoothed_accuracy": float(s["accuracy"]),
+        "abstained": int(s["abstained"]),
+        "certified_accuracy": {str(k): float(v) for k, v in s["certified_accuracy"].items()},
+        "union_certified_accuracy": float(s["union_certified_accuracy"]),
+        "mean_radius_l2": float(s["mean_radius_l2"]),
+    }
+    json.dumps(cert)
+    return cert
+
+
 def weights_fingerprint(model: onnx.ModelProto) -> str:
     """sha256 over the initializers sorted by name: name, dtype, shape and values of each."""
     h = hashlib.sha256()
@@ -172,9 +199,18 @@ def _malformed(cert: dict[str, Any]) -> str | None:
     for key in ("schema", "weights_sha256", "graph_sha256", "method", "verifier", "created", "dataset_sha256"):
         if cert.get(key) is not None and not isinstance(cert[key], str):
             return f"{key!r} must be a string, got {json.dumps(cert[key])[:60]}"
-    for key in ("input_space", "extra"):
+    for key in ("input_space", "extra", "probabilistic"):
         if cert.get(key) is not None and not isinstance(cert[key], dict):
             return f"{key!r} must be an object, got {json.dumps(cert[key])[:60]}"
+    prob = cert.get("probabilistic")
+    if prob is not None:
+        bad = _malformed({k: prob.get(k) for k in ("norms", "certified_accuracy", "union_certified_accuracy")
+                          if k in prob})
+        if bad:
+            return f"probabilistic: {bad}"
+        for key in ("sigma", "alpha", "smoothed_accuracy"):
+            if not _is_number(prob.get(key)):
+                return f"probabilistic: {key!r} must be a number, got {json.dumps(prob.get(key))[:60]}"
     return None
 
 
