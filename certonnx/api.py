@@ -417,8 +417,8 @@ def finetune(model: str | Path | None, data: str | Path, *, norms: Mapping[str, 
     the data's shape, ``radii`` = small | large). ``options``: the method's options (a dict,
     strings or typed values, or its ``Options`` instance); an unknown key or a bad value is a
     :class:`~certonnx.train.methods.options.MethodOptionError` before any work.
-    ``None`` defaults depend on the run (docs/finetune.md): ``lr`` 1e-3 from scratch, 2e-4
-    fine-tuning; warm-up and ramp epochs; ``regularize`` on from scratch; ``eval_radius`` the
+    ``None`` defaults depend on the run (docs/finetune.md): ``lr`` 1e-3 (from scratch and
+    fine-tuning: measured in docs/training.md); warm-up and ramp epochs; ``regularize`` on from scratch; ``eval_radius`` the
     method's ``eval_radius_default``; ``output`` ``<MODEL>_<method>.onnx``; ``eval_n=0`` skips
     certification (the model is exported without a certificate, ``report["certified"]`` False).
     The checkpoint folder (``checkpoint_dir``, default ``<output>.ckpt``) is removed once the
@@ -613,7 +613,7 @@ class _FinetunePlan:
         if eval_method.lower() not in ("auto", *_bound_methods()):
             raise ConfigError(f"{eval_method!r} is not one of auto, {', '.join(_bound_methods())}", "--eval-method")
         scratch = arch is not None
-        lr = lr if lr is not None else (1e-3 if scratch else 2e-4)
+        lr = lr if lr is not None else 1e-3  # fine-tuning too: 2e-4 certified far less (docs/training.md)
         warmup = warmup_epochs if warmup_epochs is not None else (1 if scratch and epochs > 2 else 0)
         # fine-tuning a normally trained model needs a long ramp (a short one collapses it, see
         # docs/training.md); from scratch half of the remaining epochs is the CTBench-like choice

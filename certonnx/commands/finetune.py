@@ -85,7 +85,7 @@ def _method(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Global batch size (split over processes under torchrun).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Learning rate [default: 1e-3 from scratch, 2e-4 fine-tuning].")
+              help="Learning rate [default: 1e-3, from scratch and fine-tuning].")
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
 @click.option("--lr-schedule", type=click.Choice(["step", "cosine", "constant"]), default="step",
               show_default=True, help="step: ×--lr-decay after each --lr-milestones epoch.")
