@@ -436,7 +436,7 @@ class BoundedModule:
     def _crown_intermediate(self, ctx: _Ctx, chunk_bytes: int) -> None:
         """Tighten the interval of every relaxed node by a CROWN pass with identity spec."""
         for node in self.relaxed_inputs:
-            if node is self.input_node:
+            if node is self.input_node or self._bounded_exactly_by_ibp(ctx, node):
                 continue
             itv = _interval(ctx.values[node])
             shape = itv.lower.shape[1:]
@@ -452,6 +452,36 @@ class BoundedModule:
             new_lo, new_hi = self.tighten_rows(ctx, node, idx, lo_flat, hi_flat, chunk)
             ctx.values[node] = Interval(new_lo.reshape(B, *shape), new_hi.reshape(B, *shape))
             self.refresh_after(ctx, node)
+
+    def _bounded_exactly_by_ibp(self, ctx: _Ctx, node: fx.Node) -> bool:
+        """``node`` is one affine layer (with a BatchNorm folded into it, if any) of the input
+        itself, re-viewed at most: its IBP interval is then already what CROWN's identity rows
+        would give — ``W·c ± |W|·r`` over the box, and for an L2/L1 ball the dual-norm bound
+        intersected with it, both exactly the concretization a CROWN row ends with — so the
+        rows are skipped (on conv nets the first layer has the most neurons). For a ball only
+        a layer that received it (``Interval.ball``) and bounds it with each row's exact dual
+        norm (``AffineLayer.ball_bound_exact``) qualifies: otherwise CROWN can be tighter."""
+        rule = self.rules.get(node)
+        if isinstance(rule, ChannelAffine) and len(rule.pert) == 1:
+            src = rule.leaves[rule.pert[0]]
+            if not isinstance(ctx.values.get(src), Folded):
+                return False
+            rule = self.rules.get(src)
+        if not isinstance(rule, AffineLayer) or len(rule.pert) != 1:
+            return False
+        feed = rule.leaves[rule.pert[0]]
+        src = feed
+        while src is not self.input_node:
+            r = self.rules.get(src)
+            if r is None or not r.reorders_only or len(r.pert) != 1:
+                return False
+            src = r.leaves[r.pert[0]]
+        if ctx.inset.norm == "linf":
+            return True
+        fed = ctx.values.get(feed)
+        # e.g. an L1 ball through a convolution: its bound uses the whole kernel's largest |w| at
+        # every position, looser than a CROWN row at a padded border (see ConvRule.ball_dual)
+        return rule.ball_bound_exact(ctx.inset.norm) and isinstance(fed, Interval) and fed.ball is not None
 
     def _rows_to_tighten(self, node: fx.Node, lo_flat: torch.Tensor, hi_flat: torch.Tensor) -> torch.Tensor:
         """The neurons of ``node`` (flat, ``(B, n)`` bounds) CROWN tightens: before ReLU-like
@@ -500,7 +530,7 @@ class BoundedModule:
         if method == "crown-ibp":
             return cost
         for node in self.relaxed_inputs:
-            if node is self.input_node:
+            if node is self.input_node or self._bounded_exactly_by_ibp(ctx, node):
                 continue
             itv = _interval(ctx.values[node])
             rows = self._rows_to_tighten(node, itv.lower.reshape(B, -1), itv.upper.reshape(B, -1)).numel()

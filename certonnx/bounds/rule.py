@@ -53,6 +53,10 @@ class Rule:
     affine: ClassVar[bool] = True
     #: output is not a perturbed float tensor (shape queries): evaluated on interval lower bounds
     shape_only: ClassVar[bool] = False
+    #: only re-views each sample's elements in the same order (Reshape, Flatten, Identity): the
+    #: set of values after it is the set before it, so an affine layer after it still sees the
+    #: input set itself (the engine skips CROWN rows that IBP already bounds exactly there)
+    reorders_only: ClassVar[bool] = False
     #: a relaxed op with a free lower slope per neuron that α-CROWN may optimise (ReLU-like):
     #: ``backward`` then honours its ``alpha`` argument, in [0, 1], one per neuron and row
     alpha_capable: ClassVar[bool] = False

@@ -12,6 +12,7 @@ from torch import fx, nn
 from torch.nn import grad as nn_grad
 
 from certonnx.bounds.core import AMat, Folded, Interval
+from certonnx.bounds.rounding import U32, engine_gamma
 from certonnx.bounds.rule import AffineLayer, BackwardResult, ChannelAffine, Value, register
 from certonnx.bounds.rules.common import stack_A, sum_bias, unstack_A, window_multiplicity, with_rounding
 from certonnx.errors import UnsupportedOpError
@@ -59,6 +60,17 @@ class _WeightedRule(AffineLayer):
         """Largest |weight| of each output's row (the dual norm of an L1 ball), shaped like
         :meth:`rownorm`."""
         raise NotImplementedError
+
+    def ball_dual(self, w: torch.Tensor, norm: str, in_shape: Sequence[int]) -> torch.Tensor:
+        """Per output, the dual norm of its row of weights for a ``norm`` ball (inputs of one
+        sample of shape ``in_shape``), broadcastable against the output: :meth:`rowmax` for L1,
+        :meth:`rownorm` for L2."""
+        return self.rowmax(w) if norm == "l1" else self.rownorm(w)
+
+    def ball_bound_exact(self, norm: str) -> bool:
+        """Whether :meth:`ball_dual` is each output's exact dual norm for a ``norm`` ball (so the
+        layer's IBP bound on the input ball is what a CROWN row gives): true for dense layers."""
+        return self.dense
 
     def per_output(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``v`` (one value per output channel) shaped to broadcast against ``w``: outputs are
@@ -149,8 +161,8 @@ class _WeightedRule(AffineLayer):
         out = Interval.from_center(c, r + err)
         if itv.ball is not None:
             center, _, norm = itv.ball
-            dual = self.rowmax(w) if norm == "l1" else self.rownorm(w)
-            ball = _ball_radius(itv, dual, self.apply(center, w, b))
+            c_ball = self.apply(center, w, b)
+            ball = _ball_radius(itv, self.ball_dual(w, norm, tuple(center.shape[1:])), c_ball)
             if ball is not None:
                 out = out.intersect(ball.widen(err))
                 out.ball = None
@@ -234,6 +246,17 @@ class MatMulRule(_WeightedRule):
     def dense_matrix(self, vals: Sequence[Value]) -> torch.Tensor:
         return self.weight_bias(vals)[0].t()  # x @ W: W's columns are the outputs
 
+    def ball_dual(self, w: torch.Tensor, norm: str, in_shape: Sequence[int]) -> torch.Tensor:
+        """Per output, the dual norm of its row of weights for a ``norm`` ball (inputs of one
+        sample of shape ``in_shape``), broadcastable against the output: :meth:`rowmax` for L1,
+        :meth:`rownorm` for L2."""
+        return self.rowmax(w) if norm == "l1" else self.rownorm(w)
+
+    def ball_bound_exact(self, norm: str) -> bool:
+        """Whether :meth:`ball_dual` is each output's exact dual norm for a ``norm`` ball (so the
+        layer's IBP bound on the input ball is what a CROWN row gives): true for dense layers."""
+        return self.dense
+
     def per_output(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return v.view(1, -1)  # x @ W: outputs are W's columns
 
@@ -299,6 +322,22 @@ class ConvRule(_WeightedRule):
     def rowmax(self, w: torch.Tensor) -> torch.Tensor:
         # the largest |weight| of the whole kernel: each output's row holds a subset of it
         return w.flatten(1).abs().amax(dim=1).view(-1, *([1] * (w.ndim - 2)))
+
+    def ball_dual(self, w: torch.Tensor, norm: str, in_shape: Sequence[int]) -> torch.Tensor:
+        """For L2, each output position's own row norm: the kernel taps that fall into the
+        zero padding are not part of a border output's row, so ``sqrt(conv(1, W²))`` over an
+        all-ones input is the exact per-position norm (widened by the rounding of its sum of
+        squares, a sum of non-negative terms). L1 keeps the whole kernel's largest |w|."""
+        if norm != "l2":
+            return super().ball_dual(w, norm, in_shape)
+        nd, stride, pad, dil, groups = self._params()
+        ones = torch.ones((1, *in_shape), dtype=w.dtype, device=w.device)
+        sq = _CONV_FN[nd](ones, w * w, None, stride, pad, dil, groups)
+        k = int(w[0].numel())
+        return (sq.clamp_min(0) * (1 + engine_gamma(k))).sqrt() * (1 + 2 * U32)
+
+    def ball_bound_exact(self, norm: str) -> bool:
+        return norm == "l2"
 
     def bias_view(self, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return b.view(-1, *([1] * (like.ndim - 2)))

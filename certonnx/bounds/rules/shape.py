@@ -35,6 +35,7 @@ class ReshapeRule(Rule):
     """Any op that only re-views each sample's elements in the same order."""
 
     label = "Reshape"
+    reorders_only = True
     module_types: ClassVar[tuple[type, ...]] = (nn.Flatten, nn.Unflatten)
     functions: ClassVar[tuple[Callable[..., Any], ...]] = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
     method_names: ClassVar[tuple[str, ...]] = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous")
