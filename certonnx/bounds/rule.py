@@ -219,6 +219,12 @@ class AffineLayer(Rule):
     #: a dense layer: :meth:`dense_matrix` gives its weights as an ``(out, in)`` matrix
     dense: ClassVar[bool] = False
 
+    def ball_bound_exact(self, norm: str) -> bool:
+        """Whether the layer's IBP bound on an input ball of ``norm`` uses each output's exact
+        dual norm, so that it is what a CROWN row of that output gives (the engine then skips
+        those rows): true for dense layers; a convolution says for which norms."""
+        return self.dense
+
     def weight_bias(self, vals: Sequence[Value]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's ``(W, b)`` (``b`` may be ``None``)."""
         raise NotImplementedError

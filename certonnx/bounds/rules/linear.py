@@ -67,11 +67,6 @@ class _WeightedRule(AffineLayer):
         :meth:`rownorm` for L2."""
         return self.rowmax(w) if norm == "l1" else self.rownorm(w)
 
-    def ball_bound_exact(self, norm: str) -> bool:
-        """Whether :meth:`ball_dual` is each output's exact dual norm for a ``norm`` ball (so the
-        layer's IBP bound on the input ball is what a CROWN row gives): true for dense layers."""
-        return self.dense
-
     def per_output(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``v`` (one value per output channel) shaped to broadcast against ``w``: outputs are
         ``w``'s first axis for Linear/Conv."""
@@ -251,11 +246,6 @@ class MatMulRule(_WeightedRule):
         sample of shape ``in_shape``), broadcastable against the output: :meth:`rowmax` for L1,
         :meth:`rownorm` for L2."""
         return self.rowmax(w) if norm == "l1" else self.rownorm(w)
-
-    def ball_bound_exact(self, norm: str) -> bool:
-        """Whether :meth:`ball_dual` is each output's exact dual norm for a ``norm`` ball (so the
-        layer's IBP bound on the input ball is what a CROWN row gives): true for dense layers."""
-        return self.dense
 
     def per_output(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return v.view(1, -1)  # x @ W: outputs are W's columns
