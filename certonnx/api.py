@@ -417,9 +417,9 @@ def finetune(model: str | Path | None, data: str | Path, *, norms: Mapping[str, 
     the data's shape, ``radii`` = small | large). ``options``: the method's options (a dict,
     strings or typed values, or its ``Options`` instance); an unknown key or a bad value is a
     :class:`~certonnx.train.methods.options.MethodOptionError` before any work.
-    ``None`` defaults depend on the run (docs/finetune.md): ``lr`` 1e-3 (from scratch and
-    fine-tuning: measured in docs/training.md); warm-up and ramp epochs; ``regularize`` on from scratch; ``eval_radius`` the
-    method's ``eval_radius_default``; ``output`` ``<MODEL>_<method>.onnx``; ``eval_n=0`` skips
+    ``None`` defaults depend on the run (docs/finetune.md): ``lr`` 1e-3 and ``regularize`` on,
+    from scratch and fine-tuning alike (measured in docs/training.md); warm-up and ramp epochs;
+    ``eval_radius`` the method's ``eval_radius_default``; ``output`` ``<MODEL>_<method>.onnx``; ``eval_n=0`` skips
     certification (the model is exported without a certificate, ``report["certified"]`` False).
     The checkpoint folder (``checkpoint_dir``, default ``<output>.ckpt``) is removed once the
     model is exported, unless ``keep_checkpoints``; a failed or interrupted run keeps it for
@@ -640,7 +640,7 @@ class _FinetunePlan:
             raise CertonnxError(f"--checkpoint-dir {ckdir} exists and is not a directory")
         check_writable(ckdir / "last.pt" if ckdir.exists() else ckdir)  # (the parent must be writable to create it)
         return cls(model=model, data=str(data), arch=arch, method=name, options=opts, lr=lr, warmup=warmup,
-                   ramp=ramp, regularize=regularize if regularize is not None else scratch,
+                   ramp=ramp, regularize=regularize if regularize is not None else True,
                    eval_radius=eval_radius if eval_radius is not None else mcls.eval_radius_default,
                    output=output, ckdir=ckdir, mean=mean, std=std, log_json=log_json)
 

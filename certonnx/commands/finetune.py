@@ -114,7 +114,7 @@ def _method(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--init", "init", type=click.Choice(["ibp", "default"]), default="ibp", show_default=True,
               help="--arch only: Shi et al. IBP initialisation or PyTorch's default.")
 @click.option("--regularize/--no-regularize", default=None,
-              help="Shi et al. tightness + ReLU-balance regularisers in the ramp [default: on with --arch].")
+              help="Shi et al. tightness + ReLU-balance regularisers in the ramp [default: on].")
 @click.option("-o", "--output", default=None, metavar="OUT.onnx",
               help="Output model [default: <MODEL>_<method>.onnx, or <arch>_<method>.onnx].")
 @click.option("--checkpoint-dir", default=None, metavar="DIR",
