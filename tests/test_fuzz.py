@@ -737,7 +737,9 @@ def test_verify_many_disjuncts_respects_timeout(ws: Workspace) -> None:
     t0 = time.monotonic()
     run_case("vnnlib", ["verify", str(ws.models["sklearn_mlp_digits"]), str(prop), "--timeout", "0.5", "--method",
                         "ibp"], [prop])
-    assert time.monotonic() - t0 < 1.5
+    # ~1 s alone (0.5 s of work, the rest start-up); 1.65 s was seen with both CI workers busy:
+    # 3 s leaves room for a loaded machine and still fails an attack that overruns by seconds
+    assert time.monotonic() - t0 < 3.0
 
 
 @pytest.mark.parametrize("n_in", [784, 196])
