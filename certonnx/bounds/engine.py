@@ -114,6 +114,9 @@ class BoundedModule:
                     src = r.leaves[i]
                     if src not in self.relaxed_inputs:
                         self.relaxed_inputs.append(src)
+        # topological order: CROWN bounds of a node use the tightened bounds of those before it
+        order = {n: i for i, n in enumerate(self.pert)}
+        self.relaxed_inputs.sort(key=lambda n: order.get(n, -1))
         self._shapes_known = False
         self._rounding_set = False
         self.max_fan_in = 0
@@ -436,7 +439,7 @@ class BoundedModule:
     def _crown_intermediate(self, ctx: _Ctx, chunk_bytes: int) -> None:
         """Tighten the interval of every relaxed node by a CROWN pass with identity spec."""
         for node in self.relaxed_inputs:
-            if node is self.input_node or self._bounded_exactly_by_ibp(ctx, node):
+            if self._skips_crown_rows(ctx, node):
                 continue
             itv = _interval(ctx.values[node])
             shape = itv.lower.shape[1:]
@@ -452,6 +455,32 @@ class BoundedModule:
             new_lo, new_hi = self.tighten_rows(ctx, node, idx, lo_flat, hi_flat, chunk)
             ctx.values[node] = Interval(new_lo.reshape(B, *shape), new_hi.reshape(B, *shape))
             self.refresh_after(ctx, node)
+
+    def _skips_crown_rows(self, ctx: _Ctx, node: fx.Node) -> bool:
+        """Whether :meth:`_crown_intermediate` keeps ``node``'s IBP interval instead of CROWN
+        rows: the input, a layer IBP bounds exactly, or a node that follows by IBP from
+        bounds already tightened (:meth:`_follows_by_ibp`). Keeping IBP is always sound."""
+        return (node is self.input_node or self._bounded_exactly_by_ibp(ctx, node)
+                or self._follows_by_ibp(node, set(self.relaxed_inputs[: self.relaxed_inputs.index(node)])))
+
+    def _follows_by_ibp(self, node: fx.Node, done: set[fx.Node]) -> bool:
+        """``node`` is reached from the input or from relaxed nodes already tightened (``done``)
+        through rules whose IBP is their exact range (``Rule.ibp_intermediate``: a ReLU's
+        output before a MaxPool, a flatten): :meth:`refresh_after` has already propagated the
+        tightened bounds to it. Where the input neuron was tightened, an identity row through
+        the op ends no tighter: it concretizes a line above (below) the function at the input
+        neuron's own CROWN bound (an unstable ReLU: the chord gives relu(u), the lower line at
+        most 0). Only a neuron left untightened as stable (a ReLU passing its input) can lose
+        a little. auto_LiRPA skips these rows the same way (``interval_bound.py``,
+        ``check_IBP_intermediate``); on a conv net with pooling they are most of CROWN's rows."""
+        rule = self.rules.get(node)
+        if rule is None or not rule.ibp_intermediate or node in self._shape_nodes:
+            return False
+        for i in rule.pert:
+            src = rule.leaves[i]
+            if not (src is self.input_node or src in done or self._follows_by_ibp(src, done)):
+                return False
+        return True
 
     def _bounded_exactly_by_ibp(self, ctx: _Ctx, node: fx.Node) -> bool:
         """``node`` is one affine layer (with a BatchNorm folded into it, if any) of the input
@@ -530,7 +559,7 @@ class BoundedModule:
         if method == "crown-ibp":
             return cost
         for node in self.relaxed_inputs:
-            if node is self.input_node or self._bounded_exactly_by_ibp(ctx, node):
+            if self._skips_crown_rows(ctx, node):
                 continue
             itv = _interval(ctx.values[node])
             rows = self._rows_to_tighten(node, itv.lower.reshape(B, -1), itv.upper.reshape(B, -1)).numel()

@@ -57,6 +57,11 @@ class Rule:
     #: set of values after it is the set before it, so an affine layer after it still sees the
     #: input set itself (the engine skips CROWN rows that IBP already bounds exactly there)
     reorders_only: ClassVar[bool] = False
+    #: the op's IBP interval is the exact range of its output given its input's interval
+    #: (an elementwise monotone activation, a re-view, a slice, a sign flip): when its inputs'
+    #: bounds are already CROWN-tight, CROWN identity rows for its output cannot beat IBP by
+    #: much, so the engine keeps IBP there (auto_LiRPA's ``ibp_intermediate``)
+    ibp_intermediate: ClassVar[bool] = False
     #: a relaxed op with a free lower slope per neuron that α-CROWN may optimise (ReLU-like):
     #: ``backward`` then honours its ``alpha`` argument, in [0, 1], one per neuron and row
     alpha_capable: ClassVar[bool] = False

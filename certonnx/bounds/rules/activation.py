@@ -29,7 +29,7 @@ class ActivationRule(Rule):
     own implementation error), which covers both."""
 
     affine = False
-    #: absolute error of the op's float32 implementations (0: exact, like max(x, 0))
+    ibp_intermediate = True  # elementwise and monotone (GELU, which is not, opts out)
 
     @property
     def impl_error(self) -> float:

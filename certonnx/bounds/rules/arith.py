@@ -261,6 +261,7 @@ def _affine_ball(itv: Interval, k: object, c: object, out: torch.Tensor,
 @register
 class NegRule(Rule):
     label = "Neg"
+    ibp_intermediate = True
     functions = (operator.neg, torch.neg)
     method_names = ("neg",)
     onnx2torch_names = ("OnnxNeg",)

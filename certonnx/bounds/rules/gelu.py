@@ -234,6 +234,7 @@ class GeluRule(ActivationRule):
     decompositions arrive as ``nn.GELU`` through :mod:`certonnx.io.converters`)."""
 
     label = "Gelu"
+    ibp_intermediate = False  # not monotone: IBP of its output is not its exact range
     module_types = (nn.GELU,)
     functions = (F.gelu,)
 

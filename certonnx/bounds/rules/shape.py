@@ -36,6 +36,7 @@ class ReshapeRule(Rule):
 
     label = "Reshape"
     reorders_only = True
+    ibp_intermediate = True
     module_types: ClassVar[tuple[type, ...]] = (nn.Flatten, nn.Unflatten)
     functions: ClassVar[tuple[Callable[..., Any], ...]] = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
     method_names: ClassVar[tuple[str, ...]] = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous")
@@ -193,6 +194,7 @@ class IndexOpRule(MonotoneLinearRule):
     """Transpose, slice, pad, gather and expand: linear, non-negative, one perturbed input."""
 
     label = "Index"
+    ibp_intermediate = True
     module_types = (nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
     functions = (torch.transpose, torch.permute, F.pad, operator.getitem, torch.narrow)
     method_names = ("permute", "transpose", "narrow", "expand", "__getitem__")
@@ -233,6 +235,7 @@ class IndexOpRule(MonotoneLinearRule):
 @register
 class ConcatRule(Rule):
     label = "Concat"
+    ibp_intermediate = True
     functions = (torch.cat, torch.concat)
     onnx2torch_names = ("OnnxConcat",)
 
