@@ -226,6 +226,13 @@ class InputSet:
     def batch(self) -> int:
         return self.x.shape[0]
 
+    def take(self, sl: slice) -> InputSet:
+        """The same sets for the samples ``sl`` of the batch (each sample's set is its own)."""
+        out = InputSet.__new__(InputSet)
+        out.x, out.norm, out.eps, out.ball_eps = self.x[sl], self.norm, self.eps[sl], self.ball_eps[sl]
+        out.lower, out.upper = self.lower[sl], self.upper[sl]
+        return out
+
     def interval(self) -> Interval:
         """The enclosing box; for L2 and L1 it also carries the ball for the first layer's dual
         norm."""

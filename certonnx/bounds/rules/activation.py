@@ -78,6 +78,14 @@ class ActivationRule(Rule):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def alpha_lower(self, l: torch.Tensor, u: torch.Tensor, vals: Sequence[Value], alpha: torch.Tensor,
+                    lw: torch.Tensor, lb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lower line (slope, intercept; moved outward) for the slopes ``alpha`` (one per
+        row and neuron), given the α-free lines ``lw, lb`` of :meth:`relax`. α-CROWN calls this
+        once per row set and step, so rules may override it with a cheaper form."""
+        llw, llb, _, _ = self.relax(l, u, vals, alpha)
+        return llw, llb
+
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],
                  alpha: torch.Tensor | None = None) -> BackwardResult:
         itv: Interval = vals[0]
@@ -89,7 +97,7 @@ class ActivationRule(Rule):
         if lA is not None:
             llw, llb = lw, lb
             if alpha is not None:
-                llw, llb, _, _ = self.relax(l, u, vals, alpha)
+                llw, llb = self.alpha_lower(l, u, vals, alpha, lw, lb)
             pos, neg = lA.clamp(min=0), lA.clamp(max=0)
             nl = pos * llw + neg * uw
             bl = per_sample_flat(pos * llb + neg * ub, 2).sum(2)
@@ -124,6 +132,19 @@ def _relu_relax(l: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor | None,
     return lw, lb, uw, ub
 
 
+def _relu_alpha_lower(rule: ActivationRule, l: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor,
+                      lw: torch.Tensor, lb: torch.Tensor, slope_neg: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`ActivationRule.alpha_lower` of max(a·x, x): only unstable neurons have a free
+    slope ``a + (1 − a)·α`` with intercept 0, moved outward exactly as :meth:`outward` does (an
+    unstable neuron's line is never exact: ``(|0| + |w|·max|x|)·γ + tiny + impl_error``); the
+    other neurons keep ``lw, lb``. Only the ``(B, S, n)`` tensors that depend on α are built."""
+    unstable = (l < 0) & (u > 0)
+    m = torch.maximum(l.abs(), u.abs())
+    w = slope_neg + (1 - slope_neg) * alpha  # ≥ 0
+    b = -(w * (m * rule.gamma) + (rule.tiny + rule.impl_error))
+    return torch.where(unstable, w, lw), torch.where(unstable, b, lb)
+
+
 def _relu_exact(l: torch.Tensor, u: torch.Tensor, slope_neg: float) -> torch.Tensor:
     """Neurons whose ReLU lines are exact in float: active (``x``), or dead with slope 0."""
     return (l >= 0) | ((u <= 0) if slope_neg == 0.0 else torch.zeros_like(l, dtype=torch.bool))
@@ -140,6 +161,10 @@ class ReLURule(ActivationRule):
     def relax(self, l: torch.Tensor, u: torch.Tensor, vals: Sequence[Value], alpha: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.outward(*_relu_relax(l, u, alpha), l, u, _relu_exact(l, u, 0.0))
+
+    def alpha_lower(self, l: torch.Tensor, u: torch.Tensor, vals: Sequence[Value], alpha: torch.Tensor,
+                    lw: torch.Tensor, lb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _relu_alpha_lower(self, l, u, alpha, lw, lb, 0.0)
 
     def ibp(self, vals: Sequence[Value]) -> Interval:
         itv: Interval = vals[0]
@@ -175,6 +200,10 @@ class LeakyReLURule(ActivationRule):
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         a = self.slope()
         return self.outward(*_relu_relax(l, u, alpha, a), l, u, _relu_exact(l, u, a))
+
+    def alpha_lower(self, l: torch.Tensor, u: torch.Tensor, vals: Sequence[Value], alpha: torch.Tensor,
+                    lw: torch.Tensor, lb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _relu_alpha_lower(self, l, u, alpha, lw, lb, self.slope())
 
     def forward_error(self, vals: Sequence[Value]) -> torch.Tensor:
         itv: Interval = vals[0]
