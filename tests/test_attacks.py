@@ -120,3 +120,41 @@ def test_project_l1_is_the_euclidean_projection() -> None:
     th = torch.where(nz, diff, torch.nan)
     spread = th.nan_to_num(0).amax(1) - torch.where(nz, diff, torch.inf).amin(1)
     assert torch.all(spread < 1e-4)
+
+
+
+@pytest.mark.parametrize("norm", ["box", "linf", "l2", "l1"])
+def test_ods_starts_stay_in_the_set(norm: str) -> None:
+    """Output-diversified starts (``ods_steps``) climb random output directions with steps that
+    together can cross the set: every point must still lie in the set."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.rand(16, 20)
+    y = torch.randint(0, 3, (16,))
+    eps = {"box": 0.0, "linf": 0.1, "l2": 0.5, "l1": 1.0}[norm]
+    box = (torch.zeros(16, 20), torch.ones(16, 20)) if norm == "box" else None
+    kw = dict(box=box) if box is not None else dict(eps=eps, norm=norm)
+    spec = property_tensors([(torch.tensor([[1.0, -1.0, 0.0]]), torch.tensor([0.0]))]) if box is not None else None
+    adv = pgd_attack(net, x, None if box is not None else y, steps=5, restarts=3, random_init=True, ods_steps=10,
+                     spec=spec, generator=torch.Generator().manual_seed(1), **kw)
+    d = (adv - x).flatten(1)
+    assert ((adv >= 0) & (adv <= 1)).all()
+    if norm == "linf":
+        assert (d.abs().amax(1) <= eps + 1e-6).all()
+    elif norm == "l2":
+        assert (d.norm(dim=1) <= eps * (1 + 1e-5)).all()
+    elif norm == "l1":
+        assert (d.abs().sum(1) <= eps * (1 + 1e-5)).all()
+
+
+def test_step_decay_zero_stops_after_the_first_step() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    lo, hi = torch.zeros(1, 6), torch.ones(1, 6)
+    spec = property_tensors([(torch.tensor([[1.0, -1.0]]), torch.tensor([-10.0]))])
+    pts = [pgd_attack(net, (lo + hi) / 2, None, steps=k, spec=spec, box=(lo, hi), step_size=0.3, step_decay=0.0,
+                      generator=torch.Generator().manual_seed(2), random_init=True) for k in (1, 2, 6)]
+    assert torch.equal(pts[0], pts[1]) and torch.equal(pts[1], pts[2])
+    moved = pgd_attack(net, (lo + hi) / 2, None, steps=6, spec=spec, box=(lo, hi), step_size=0.3,
+                       generator=torch.Generator().manual_seed(2), random_init=True)
+    assert not torch.equal(moved, pts[2])

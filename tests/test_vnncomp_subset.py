@@ -20,6 +20,9 @@ SUBSET = [
     ("mnist_fc", "onnx/mnist-net_256x2.onnx", "vnnlib/prop_3_0.03.vnnlib", True),
     ("mnist_fc", "onnx/mnist-net_256x2.onnx", "vnnlib/prop_4_0.03.vnnlib", True),  # needs ReLU splits
     ("mnist_fc", "onnx/mnist-net_256x4.onnx", "vnnlib/prop_1_0.03.vnnlib", True),
+    # sat, missed by a fixed-step PGD from uniform starts; found by the ODS-initialised attack
+    ("mnist_fc", "onnx/mnist-net_256x4.onnx", "vnnlib/prop_6_0.05.vnnlib", True),
+    ("mnist_fc", "onnx/mnist-net_256x4.onnx", "vnnlib/prop_8_0.05.vnnlib", True),
     ("eran", "nets/mnist_relu_9_200.onnx", "specs/mnist/mnist_spec_idx_8098_eps_0.01500.vnnlib", True),
     ("eran", "nets/ffnnSIGMOID__Point_6x200.onnx", "specs/mnist/mnist_spec_idx_7955_eps_0.01200.vnnlib", True),
     ("eran", "nets/ffnnSIGMOID__Point_6x200.onnx", "specs/mnist/mnist_spec_idx_7259_eps_0.01200.vnnlib", False),

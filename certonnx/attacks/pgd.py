@@ -138,6 +138,8 @@ def pgd_attack(
     box: tuple[torch.Tensor, torch.Tensor] | None = None,
     return_loss: bool = False,
     random_init: bool = False,
+    ods_steps: int = 0,
+    step_decay: float = 1.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Search the set (norm ball of radius ``eps`` around ``x`` ∩ ``domain``, or an explicit
     ``box``) for the input with the lowest attack loss; return it per sample.
@@ -147,6 +149,13 @@ def pgd_attack(
     too); the per-sample best over all
     restarts and steps is kept. ``eps`` may be a ``(B,)`` tensor. With ``return_loss`` the
     loss of the returned points ``(B,)`` is returned too.
+
+    ``ods_steps`` > 0: every random start first climbs ``w · f(z)`` for a random direction
+    ``w ∈ U(−1, 1)^K`` of the outputs (Output Diversified Sampling, Tashiro et al. 2020, the
+    initialisation of α,β-CROWN's attack), ``ods_steps`` steps that together can cross the
+    set: the starts spread over the output space instead of all descending into the basin
+    around the centre. ``step_decay`` multiplies the step size after every step (large steps
+    first, then refinement).
     """
     norm = norm.lower()
     if norm in ("inf", "l_inf", "linfty"):
@@ -217,12 +226,41 @@ def pgd_attack(
     def loss_of(z: torch.Tensor) -> torch.Tensor:
         return attack_loss(fn(z), y, C, spec)
 
+    def descend(z: torch.Tensor, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """One projected steepest-descent step of size ``a`` for gradient ``g`` in the set's norm."""
+        with torch.no_grad():
+            if norm in ("linf", "box"):
+                z = z - a * g.sign()
+            elif norm == "l1":
+                z = z + a * l1_step(g, z, *l1_box)
+            else:
+                gn = g / _view(g.flatten(1).norm(dim=1).clamp_min(1e-12), x)
+                z = z - a * gn
+            return project(z)
+
+    def diversify(z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            w = rand(B, fn(z[:1]).flatten(1).shape[1]) * 2 - 1
+        a = (radius if norm == "box" else eb) * (2.0 / ods_steps)  # together they can cross the set
+        for _ in range(ods_steps):
+            z = z.detach().requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(-(fn(z).flatten(1) * w).sum(), z)
+            z = descend(z, g, a)
+        return z.detach()
+
     start0 = center if box is not None else x
     best_x = project(start0.clone())
     with torch.no_grad():
         best_l = loss_of(best_x)
     for r in range(max(restarts, 1)):
-        z = project(start0.clone()) if r == 0 and not random_init else rand_start()
+        if r == 0 and not random_init:
+            z = project(start0.clone())
+        else:
+            z = rand_start()
+            if ods_steps > 0:
+                z = diversify(z)
+        a = alpha
         for _ in range(steps):
             z = z.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -233,15 +271,8 @@ def pgd_attack(
             if bool(better.any()):
                 best_l = torch.where(better, lz, best_l)
                 best_x = torch.where(_view(better, x), z.detach(), best_x)
-            with torch.no_grad():
-                if norm in ("linf", "box"):
-                    z = z - alpha * g.sign()
-                elif norm == "l1":
-                    z = z + alpha * l1_step(g, z, *l1_box)
-                else:
-                    gn = g / _view(g.flatten(1).norm(dim=1).clamp_min(1e-12), x)
-                    z = z - alpha * gn
-                z = project(z)
+            z = descend(z, g, a)
+            a = a * step_decay
         with torch.no_grad():
             lz = loss_of(z)
             better = lz < best_l

@@ -544,8 +544,8 @@ class BoundedModule:
         back ``spec`` rows from the output; CROWN adds, for every relaxed node, one row per
         neuron that IBP leaves unstable in any sample of the batch (what
         :meth:`_crown_intermediate` tightens; an overestimate, since tightening a layer
-        settles neurons of the later ones); α-CROWN adds ``alpha_steps`` final passes with
-        their gradient (≈ 3 passes each). Measured against wall time in docs/benchmarks.md."""
+        settles neurons of the later ones); α-CROWN re-runs all of it ``alpha_steps`` times
+        with its gradient (≈ 3 passes each). Measured against wall time in docs/benchmarks.md."""
         method = method.lower().replace("_", "-")
         ctx = self.ibp_pass(inset)
         B = inset.batch
@@ -569,7 +569,9 @@ class BoundedModule:
             rows = self._rows_to_tighten(node, itv.lower.reshape(B, -1), itv.upper.reshape(B, -1)).numel()
             cost += B * rows * prefix[node] / forward
         if method == "alpha-crown":
-            cost += B * 3.0 * spec * alpha_steps
+            # every step re-runs all CROWN passes (intermediate and final, the final with the
+            # negated rows too) with their gradient
+            cost += 3.0 * alpha_steps * (cost + B * spec)
         return cost
 
     def estimate_memory(self, batch: int, method: str, spec: int = 10) -> int:
