@@ -465,3 +465,26 @@ def test_vnncomp_batch(rel: str) -> None:
         assert m.normalization.mean == pytest.approx([0.1307])
     if "mnist_fc" in rel:
         assert m.sample_shape == (784, 1) and m.input_name == "0"
+
+
+def test_loading_does_not_import_torchvision_and_it_still_imports_after() -> None:
+    """onnx2torch imports torchvision (NMS, RoiAlign converters), ~1.6 s of torch._dynamo at
+    start-up; certonnx defers it (certonnx.io.onnx2torch_import). In a fresh process: loading
+    a model leaves torchvision unimported, a later ``import torchvision`` is the real package,
+    and onnx2torch's deferred functions reach it."""
+    import subprocess
+    import sys
+
+    fix = Path(__file__).parent / "fixtures" / "mnist_mlp_trained.onnx"
+    code = (
+        "import sys, certonnx\n"
+        f"certonnx.load({str(fix)!r})\n"
+        "assert 'torchvision' not in sys.modules, 'torchvision imported at load'\n"
+        "import torchvision, torch\n"
+        "assert hasattr(torchvision, '__version__') and torchvision.ops.nms.__module__.startswith('torchvision')\n"
+        "from onnx2torch.node_converters import nms\n"
+        "b = torch.tensor([[0., 0., 1., 1.], [0., 0., 1., 1.]]); s = torch.tensor([0.9, 0.8])\n"
+        "assert nms.torchvision.ops.nms(b, s, 0.5).tolist() == [0]\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]

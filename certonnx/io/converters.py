@@ -55,6 +55,9 @@ def for_onnx2torch(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _register() -> None:
+    from certonnx.io.onnx2torch_import import import_onnx2torch
+
+    import_onnx2torch()
     from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription, add_converter
     from onnx2torch.onnx_graph import OnnxGraph
     from onnx2torch.onnx_node import OnnxNode

@@ -131,6 +131,9 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 def _find_unconvertible(model: onnx.ModelProto) -> UnsupportedOpError | None:
     """Run onnx2torch's per-node converters one at a time to name the node that fails."""
+    from certonnx.io.onnx2torch_import import import_onnx2torch
+
+    import_onnx2torch()
     from onnx2torch.node_converters import get_converter
     from onnx2torch.onnx_graph import OnnxGraph
 
@@ -155,9 +158,10 @@ def _find_unconvertible(model: onnx.ModelProto) -> UnsupportedOpError | None:
 
 def convert(model: onnx.ModelProto) -> fx.GraphModule:
     """``onnx2torch.convert`` with errors mapped to UnsupportedOpError naming the node."""
-    import onnx2torch
-
     from certonnx.io import converters  # registers the contrib GELU converters
+    from certonnx.io.onnx2torch_import import import_onnx2torch
+
+    onnx2torch = import_onnx2torch()
 
     model = converters.for_onnx2torch(model)
 
