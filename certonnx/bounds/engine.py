@@ -647,6 +647,13 @@ class BoundedModule:
         if method == "ibp":
             lb, ub = self.backward(ctx, self.output_node, C, uC, stop=self._is_stop_for_ibp)
             assert lb is not None
+            if not self.rules[self.output_node].affine:
+                # the output is itself relaxed (a net ending in a ReLU): the backward pass used
+                # its linear relaxation, looser than the output's own interval, which for an
+                # elementwise op gives the exact min of C·y over the box (each y_j on its own)
+                lb = torch.maximum(lb, concretize_interval(C, out_itv, -1.0))
+                if ub is not None:
+                    ub = torch.minimum(ub, concretize_interval(C, out_itv, 1.0))
             return _no_nan(lb, ub)
         if method == "alpha-crown" and alpha_intermediate and alpha_steps > 0:
             per_sample = self._alpha_bytes(ctx, C.shape[1] * (2 if upper else 1)) / max(B, 1)
