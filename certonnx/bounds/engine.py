@@ -59,7 +59,9 @@ def _interval(v: object) -> Interval:
 
 
 def _abs(b: torch.Tensor | float) -> torch.Tensor | float:
-    return b.abs() if isinstance(b, torch.Tensor) else abs(b)
+    """``|b|`` for the rounding allowance of a running sum, without gradient (as
+    :func:`~certonnx.bounds.core.rounding_term`)."""
+    return b.detach().abs() if isinstance(b, torch.Tensor) else abs(b)
 
 
 def _no_nan(lb: torch.Tensor, ub: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -332,6 +334,7 @@ class BoundedModule:
         alphas: dict[fx.Node, torch.Tensor] | None = None,
         inject: dict[fx.Node, torch.Tensor] | None = None,
         record: dict[fx.Node, torch.Tensor] | None = None,
+        rows: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Bounds of ``lA·v`` (min) and ``uA·v`` (max) for the node ``start`` (value v).
 
@@ -340,6 +343,9 @@ class BoundedModule:
         ``inject`` adds extra coefficients to the lower matrix when the pass reaches a node
         (the β terms of split constraints); ``record`` receives, for every ReLU-like rule, the
         lower coefficients reaching its output, keyed by its input node (branching scores).
+        ``rows = (idx, sign)`` says that ``lA``/``uA`` are selection rows (``sign[r]`` times
+        flat neuron ``idx[r]`` of ``start``), which an affine ``start`` may take without the
+        matrix product (:meth:`AffineLayer.backward_rows`).
         """
         B = ctx.inset.batch
         ref = lA if lA is not None else uA
@@ -386,7 +392,10 @@ class BoundedModule:
             if record is not None and nl is not None and rule.alpha_capable:
                 record[rule.leaves[rule.pert[0]]] = nl.detach()
             alpha = alphas.get(node) if alphas is not None else None
-            outs, bl, bu = rule.backward(nl, nu, vals, alpha=alpha)
+            res = None
+            if node is start and rows is not None and isinstance(rule, AffineLayer):
+                res = rule.backward_rows(rows[0], rows[1], nl is not None, nu is not None, vals, B)
+            outs, bl, bu = res if res is not None else rule.backward(nl, nu, vals, alpha=alpha)
             if lA is not None:
                 lb, mag_l = lb + bl, mag_l + _abs(bl)
             if uA is not None:
@@ -427,7 +436,7 @@ class BoundedModule:
             A = torch.zeros(rows.numel(), n, device=lo_flat.device, dtype=lo_flat.dtype)
             A[torch.arange(rows.numel(), device=rows.device), rows] = 1.0
             A = A.reshape(-1, *shape).unsqueeze(0).expand(B, -1, *shape)
-            lb, ub = self.backward(ctx, node, A, A)
+            lb, ub = self.backward(ctx, node, A, A, rows=(rows, torch.ones_like(rows)))
             assert lb is not None and ub is not None
             lows.append(lb)
             ups.append(ub)
@@ -756,8 +765,24 @@ class BoundedModule:
             total += 2 * k * sum(sz for r, sz in sizes.items() if pos[r] < pos[node])
         return total * B * 4 * 8
 
+    def alpha_crown_intermediate(self, inset: InputSet, C: torch.Tensor, steps: int = 20, lr: float = 0.5,
+                                 chunk_bytes: int = 1 << 28) -> tuple[torch.Tensor, dict[fx.Node, Interval]]:
+        """α-CROWN's lower bound of ``C·f`` and, for every relaxed node, the tightest interval
+        seen over the optimisation (each step's intervals are sound, so their intersection
+        is): branch and bound starts its domains from these."""
+        ctx = self.ibp_pass(inset)
+        rows = self._crown_intermediate(ctx, chunk_bytes)
+        Cb = C.to(dtype=inset.x.dtype, device=inset.x.device)
+        lb, _ = self.backward(ctx, self.output_node, Cb, None)
+        assert lb is not None
+        keep: dict[fx.Node, Interval] = {}
+        lb = self._alpha_crown(ctx, Cb, lb, rows, steps, lr, keep=keep)
+        out = {n: keep.get(n, _interval(ctx.values[n])) for n in self.relaxed_inputs if n is not self.input_node}
+        out_itv = _interval(ctx.values[self.output_node])
+        return torch.maximum(lb, concretize_interval(Cb, out_itv, -1.0)), out
+
     def _alpha_crown(self, ctx: _Ctx, C: torch.Tensor, lb0: torch.Tensor, rows: dict[fx.Node, torch.Tensor],
-                     steps: int, lr: float) -> torch.Tensor:
+                     steps: int, lr: float, keep: dict[fx.Node, Interval] | None = None) -> torch.Tensor:
         """α-CROWN (Xu et al. 2021) as auto_LiRPA runs it: free lower slopes for every ReLU-like
         neuron in *every* bound pass — one set per intermediate node CROWN tightened (its rows
         ``rows[node]``, lower and upper) and one for the final specification — optimised
@@ -796,7 +821,11 @@ class BoundedModule:
             v: {r: init(r, 2 * rows[v].numel()) for r in relus if pos[r] < pos[v]} for v in order}
         alphas[self.output_node] = {r: init(r, S) for r in relus}
         eyes: dict[fx.Node, torch.Tensor] = {}
+        sel: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
         for v in order:
+            k = rows[v].numel()
+            sel[v] = (torch.cat([rows[v], rows[v]]),
+                      torch.cat([torch.ones(k, device=rows[v].device), -torch.ones(k, device=rows[v].device)]))
             itv = _interval(ref[v])
             n, k = itv.lower[0].numel(), rows[v].numel()
             A = torch.zeros(k, n, device=itv.lower.device, dtype=itv.lower.dtype)
@@ -814,7 +843,7 @@ class BoundedModule:
             dctx = _Ctx(dict(ref), ctx.inset)
             for v in order:
                 idx, k = rows[v], rows[v].numel()
-                lb2, _ = self.backward(dctx, v, eyes[v], None, alphas=alphas[v])
+                lb2, _ = self.backward(dctx, v, eyes[v], None, alphas=alphas[v], rows=sel[v])
                 assert lb2 is not None
                 cur = _interval(dctx.values[v])
                 shape = cur.lower.shape
@@ -826,6 +855,10 @@ class BoundedModule:
                 lo[:, idx] = torch.maximum(new_lo, lo[:, idx]).detach() - new_lo.detach() + new_lo
                 hi[:, idx] = torch.minimum(new_hi, hi[:, idx]).detach() - new_hi.detach() + new_hi
                 dctx.values[v] = Interval(lo.reshape(shape), hi.reshape(shape))
+                if keep is not None:
+                    old = keep.get(v)
+                    now = Interval(lo.detach().reshape(shape), hi.detach().reshape(shape))
+                    keep[v] = now if old is None else now.intersect(old)
                 self.refresh_after(dctx, v)
             lb, _ = self.backward(dctx, self.output_node, Cd, None, alphas=alphas[self.output_node])
             assert lb is not None

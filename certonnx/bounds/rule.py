@@ -256,6 +256,15 @@ class AffineLayer(Rule):
         give per-margin Lipschitz constants (only for ``dense`` layers)."""
         raise NotImplementedError
 
+    def backward_rows(self, idx: torch.Tensor, sign: torch.Tensor, lower: bool, upper: bool,
+                      vals: Sequence[Value], batch: int) -> BackwardResult | None:
+        """The backward step for *selection* rows, the start of every intermediate CROWN pass:
+        row ``r`` is ``sign[r]`` times output neuron ``idx[r]`` (flat). Same result as
+        :meth:`backward` with that one-hot matrix (for ``lower``/``upper``), without the
+        matrix product: a dense layer slices its weights. ``None``: no shortcut, the engine
+        multiplies the one-hot matrix."""
+        return None
+
 
 # -- registration: a rule joins the registry by its keys ----------------------------------------
 Key = tuple[str, object]

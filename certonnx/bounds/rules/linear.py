@@ -202,6 +202,20 @@ class LinearRule(_WeightedRule):
                                  self.rounding(vals[0], w, b))
         return [(nl, nu)], bl_, bu_
 
+    def backward_rows(self, idx: torch.Tensor, sign: torch.Tensor, lower: bool, upper: bool,
+                      vals: Sequence[Value], batch: int) -> BackwardResult | None:
+        w, b = self.weight_bias(vals)
+        if w.ndim != 2 or len(self.in_shapes[0]) != 1 or len(self.out_shape) != 1:
+            return None
+        sg = sign.to(w.dtype)
+        A = (sg[:, None] * w[idx]).unsqueeze(0).expand(batch, -1, -1)
+        bias = (sg * b[idx]).unsqueeze(0).expand(batch, -1) if b is not None else \
+            torch.zeros(batch, idx.numel(), device=w.device, dtype=w.dtype)
+        # |row| · err of a one-hot row is the selected neuron's error (rounding_term's value)
+        e = self.rounding(vals[0], w, b)[:, idx].detach()
+        return [(A if lower else None, A if upper else None)], (bias - e if lower else 0.0), \
+            (bias + e if upper else 0.0)
+
     def lipschitz(self, vals: Sequence[Value], norm: str) -> float:
         w, _ = self.weight_bias(vals)
         w = w.detach().double()
