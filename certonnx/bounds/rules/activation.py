@@ -219,14 +219,24 @@ class LeakyReLURule(ActivationRule):
         return max(1.0, abs(self.slope()))
 
 
+#: bisection steps for the tangent points of an S-shaped relaxation (the interval shrinks 2^-k)
+_TANGENT_STEPS = 24
+
+
 class _SShapedRule(ActivationRule):
     """Sigmoid and tanh: convex for x ≤ 0, concave for x ≥ 0, derivative unimodal.
 
     * entirely in the concave part: chord below, tangent at the midpoint above;
     * entirely in the convex part: tangent below, chord above;
-    * across 0: one slope ``k = min(f'(l), f'(u))`` for both lines. Because f' is unimodal its
-      minimum on [l, u] sits at an endpoint, so ``f(x) - k x`` is non-decreasing there and the
-      lines through ``(l, f(l))`` and ``(u, f(u))`` are a lower and an upper bound.
+    * across 0 (CROWN, Zhang et al. 2018, as auto_LiRPA): the upper line is the tangent at the
+      point ``d ∈ [0, u]`` whose tangent passes through ``(l, f(l))`` (above f on [l, d] by
+      convexity-then-concavity, above on [d, u] by concavity), or the chord when no such
+      ``d ≤ u`` exists (the chord then lies above f); the lower line mirrors it with
+      ``d ∈ [l, 0]`` through ``(u, f(u))``. ``d`` is found by bisection keeping the side whose
+      tangent clears the endpoint (``_TANGENT_STEPS`` halvings), so the line is valid even
+      where the bisection stops short; a flatter tangent beyond the exact point is still
+      above (below) f, so where the point is short of the midpoint the midpoint's tangent is
+      used instead (as auto_LiRPA does).
     """
 
     @property
@@ -247,17 +257,61 @@ class _SShapedRule(ActivationRule):
         chord = torch.where(narrow, self.df(l), (fu - fl) / torch.where(narrow, torch.ones_like(width), width))
         m = (l + u) / 2
         fm, dm = self.f(m), self.df(m)
-        k = torch.minimum(self.df(l), self.df(u))
         concave = l >= 0
         convex = u <= 0
+        cross = ~(concave | convex)
+        (cuw, cub), (clw, clb) = self._cross_lines(l, u, fl, fu, chord, cross)
         # lower line
-        lw = torch.where(concave, chord, torch.where(convex, dm, k))
-        lb = torch.where(concave, fl - chord * l, torch.where(convex, fm - dm * m, fl - k * l))
+        lw = torch.where(concave, chord, torch.where(convex, dm, clw))
+        lb = torch.where(concave, fl - chord * l, torch.where(convex, fm - dm * m, clb))
         # upper line
-        uw = torch.where(concave, dm, torch.where(convex, chord, k))
-        ub = torch.where(concave, fm - dm * m, torch.where(convex, fu - chord * u, fu - k * u))
+        uw = torch.where(concave, dm, torch.where(convex, chord, cuw))
+        ub = torch.where(concave, fm - dm * m, torch.where(convex, fu - chord * u, cub))
         # rounding of the chord/tangent and the kernels' own error: see ActivationRule.outward
         return self.outward(lw, lb, uw, ub, l, u)
+
+    def _tangent_through(self, p: torch.Tensor, fp: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                         upper: bool) -> torch.Tensor:
+        """The tangent point ``d ∈ [lo, hi]`` whose tangent passes through ``(p, f(p))``,
+        bisected on the side whose tangent clears ``f(p)`` (at or above it for the upper
+        line, at or below for the lower)."""
+        def clears(d: torch.Tensor) -> torch.Tensor:
+            gap = self.f(d) + self.df(d) * (p - d) - fp
+            return gap >= 0 if upper else gap <= 0
+
+        # upper: the tangent point moves towards +inf as it clears more; lower: towards -inf
+        good, bad = (hi, lo) if upper else (lo, hi)
+        for _ in range(_TANGENT_STEPS):
+            mid = (good + bad) / 2
+            ok = clears(mid)
+            good, bad = torch.where(ok, mid, good), torch.where(ok, bad, mid)
+        return good
+
+    def _cross_lines(self, l: torch.Tensor, u: torch.Tensor, fl: torch.Tensor, fu: torch.Tensor,
+                     chord: torch.Tensor, cross: torch.Tensor
+                     ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """``((upper slope, intercept), (lower slope, intercept))`` for intervals across 0 (see
+        the class docstring); other entries are computed on a harmless placeholder interval."""
+        one = torch.ones_like(l)
+        lc, uc = torch.where(cross, l, -one), torch.where(cross, u, one)
+        flc, fuc = torch.where(cross, fl, self.f(-one)), torch.where(cross, fu, self.f(one))
+        chc = torch.where(cross, chord, (self.f(one) - self.f(-one)) / 2)
+        zero = torch.zeros_like(l)
+        mid = (lc + uc) / 2
+        # upper: tangent at d in [0, u] through (l, f(l)); if even d = u does not clear f(l),
+        # the chord is above f on [l, u]. Any tangent point right of d is valid too: where d
+        # is left of the midpoint, the midpoint's tangent is the more balanced line (auto_LiRPA's
+        # "smoothness enhancement", s_shaped.py)
+        du = torch.maximum(self._tangent_through(lc, flc, zero, uc, upper=True), mid)
+        use_chord_u = (self.f(uc) + self.df(uc) * (lc - uc) - flc) < 0
+        uw = torch.where(use_chord_u, chc, self.df(du))
+        ub = torch.where(use_chord_u, fuc - chc * uc, self.f(du) - self.df(du) * du)
+        # lower: mirrored, tangent at d in [l, 0] through (u, f(u)); any point left of it is valid
+        dl = torch.minimum(self._tangent_through(uc, fuc, lc, zero, upper=False), mid)
+        use_chord_l = (self.f(lc) + self.df(lc) * (uc - lc) - fuc) > 0
+        lw = torch.where(use_chord_l, chc, self.df(dl))
+        lb = torch.where(use_chord_l, flc - chc * lc, self.f(dl) - self.df(dl) * dl)
+        return (uw, ub), (lw, lb)
 
 
 @register
