@@ -212,9 +212,33 @@ def main() -> None:
         "mean lb, auto_LiRPA | Δ mean / max | certified, certonnx | certified, auto_LiRPA | note |\n"
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n" + "\n".join(rows)
     )
+    if only is not None and args.out.exists():
+        head = body[: body.index("|---|")]
+        rule = body[body.index("|---|"):].split("\n")[0]
+        body = head + rule + "\n" + "\n".join(_merge_rows(args.out.read_text(), rows, only))
     if not args.no_write:
         write_section(args.out, "Side by side with auto_LiRPA", body)
     print(body)
+
+
+def _merge_rows(doc: str, new: list[str], rerun: set[str]) -> list[str]:
+    """A ``--nets`` rerun replaces only those nets' rows of the section already in ``doc``,
+    keeping the others (measured by an earlier full run) in their order."""
+    sec = doc.split("## Side by side with auto_LiRPA", 1)
+    if len(sec) < 2:
+        return new
+    old = [ln for ln in sec[1].split("\n## ")[0].splitlines() if ln.startswith("| ") and not ln.startswith("| net ")]
+    out: list[str] = []
+    placed: set[str] = set()
+    for ln in old:
+        net = ln.split("|")[1].strip()
+        if net in rerun:
+            if net not in placed:
+                out += [r for r in new if r.split("|")[1].strip() == net]
+                placed.add(net)
+            continue
+        out.append(ln)
+    return out + [r for r in new if r not in out]
 
 
 if __name__ == "__main__":
