@@ -64,6 +64,32 @@ def _abs(b: torch.Tensor | float) -> torch.Tensor | float:
     return b.detach().abs() if isinstance(b, torch.Tensor) else abs(b)
 
 
+def _selection(idx: torch.Tensor, sign: torch.Tensor, shape: Sequence[int], batch: int,
+               like: torch.Tensor) -> torch.Tensor:
+    """Selection rows ``(batch, S, *shape)``: row ``r`` is ``sign[r]`` at flat neuron ``idx[r]``
+    (the identity specification of an intermediate CROWN pass), shared over the batch."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    A = torch.zeros(idx.numel(), n, device=like.device, dtype=like.dtype)
+    A[torch.arange(idx.numel(), device=idx.device), idx] = sign.to(like.dtype)
+    return A.reshape(-1, *shape).unsqueeze(0).expand(batch, -1, *shape)
+
+
+def _adam_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], m1: Sequence[torch.Tensor],
+               m2: Sequence[torch.Tensor], t: int, lr: float) -> None:
+    """One projected Adam step on slopes in [0, 1] (β 0.9 / 0.999). Written by hand:
+    ``torch.optim``'s first use imports torch._dynamo (seconds), which would dominate one-shot
+    verifier calls."""
+    b1, b2 = 0.9, 0.999
+    for a, g, ma, va in zip(params, grads, m1, m2):
+        if g is None:
+            continue
+        ma.mul_(b1).add_(g, alpha=1 - b1)
+        va.mul_(b2).addcmul_(g, g, value=1 - b2)
+        a.sub_(lr * (ma / (1 - b1**t)) / ((va / (1 - b2**t)).sqrt() + 1e-8)).clamp_(0.0, 1.0)
+
+
 def _no_nan(lb: torch.Tensor, ub: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A NaN bound (inf − inf after an overflow, e.g. of a float16 cast) claims nothing: make it
     −inf / +inf, so that no comparison downstream can read it as a proof."""
@@ -433,10 +459,9 @@ class BoundedModule:
         lows, ups = [], []
         for s in range(0, idx.numel(), chunk):
             rows = idx[s : s + chunk]
-            A = torch.zeros(rows.numel(), n, device=lo_flat.device, dtype=lo_flat.dtype)
-            A[torch.arange(rows.numel(), device=rows.device), rows] = 1.0
-            A = A.reshape(-1, *shape).unsqueeze(0).expand(B, -1, *shape)
-            lb, ub = self.backward(ctx, node, A, A, rows=(rows, torch.ones_like(rows)))
+            sign = torch.ones_like(rows)
+            A = _selection(rows, sign, shape, B, lo_flat)
+            lb, ub = self.backward(ctx, node, A, A, rows=(rows, sign))
             assert lb is not None and ub is not None
             lows.append(lb)
             ups.append(ub)
@@ -721,22 +746,15 @@ class BoundedModule:
                   for k, v in ctx.values.items()}
         dctx = _Ctx(values, ctx.inset)
         params = list(alphas.values())
-        # a hand-written Adam: torch.optim's first use imports torch._dynamo (seconds), which
-        # would dominate one-shot verifier calls
         m1 = [torch.zeros_like(a) for a in params]
         m2 = [torch.zeros_like(a) for a in params]
-        b1, b2 = 0.9, 0.999
         for t in range(1, steps + 1):
             with torch.enable_grad():
                 lb, _ = self.backward(dctx, self.output_node, C.detach(), None, alphas=alphas)
                 assert lb is not None
                 grads = torch.autograd.grad(-lb.sum(), params)
             with torch.no_grad():
-                for a, g, ma, va in zip(params, grads, m1, m2):
-                    ma.mul_(b1).add_(g, alpha=1 - b1)
-                    va.mul_(b2).addcmul_(g, g, value=1 - b2)
-                    step = lr * (ma / (1 - b1**t)) / ((va / (1 - b2**t)).sqrt() + 1e-8)
-                    a.sub_(step).clamp_(0.0, 1.0)
+                _adam_step(params, grads, m1, m2, t, lr)
                 best = torch.maximum(best, lb.detach())
         with torch.no_grad():
             lb, _ = self.backward(dctx, self.output_node, C.detach(), None, alphas=alphas)
@@ -823,19 +841,13 @@ class BoundedModule:
         eyes: dict[fx.Node, torch.Tensor] = {}
         sel: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
         for v in order:
-            k = rows[v].numel()
-            sel[v] = (torch.cat([rows[v], rows[v]]),
-                      torch.cat([torch.ones(k, device=rows[v].device), -torch.ones(k, device=rows[v].device)]))
+            one = torch.ones_like(rows[v])
+            sel[v] = (torch.cat([rows[v], rows[v]]), torch.cat([one, -one]))  # [I; -I]
             itv = _interval(ref[v])
-            n, k = itv.lower[0].numel(), rows[v].numel()
-            A = torch.zeros(k, n, device=itv.lower.device, dtype=itv.lower.dtype)
-            A[torch.arange(k, device=A.device), rows[v]] = 1.0
-            A = torch.cat([A, -A]).reshape(2 * k, *itv.lower.shape[1:])
-            eyes[v] = A.unsqueeze(0).expand(B, *A.shape)
+            eyes[v] = _selection(*sel[v], itv.lower.shape[1:], B, itv.lower)
         params = [a for d in alphas.values() for a in d.values()]
         m1 = [torch.zeros_like(a) for a in params]
         m2 = [torch.zeros_like(a) for a in params]
-        b1, b2 = 0.9, 0.999
         best = lb0.detach().clone()
         Cd = C.detach()
 
@@ -868,15 +880,9 @@ class BoundedModule:
             with torch.enable_grad():
                 lb = bound()
                 grads = torch.autograd.grad(-lb.sum(), params, allow_unused=True)
-            step_lr = lr * 0.98 ** (t - 1)
             with torch.no_grad():
                 best = torch.maximum(best, lb.detach())
-                for a, g, ma, va in zip(params, grads, m1, m2):
-                    if g is None:
-                        continue
-                    ma.mul_(b1).add_(g, alpha=1 - b1)
-                    va.mul_(b2).addcmul_(g, g, value=1 - b2)
-                    a.sub_(step_lr * (ma / (1 - b1**t)) / ((va / (1 - b2**t)).sqrt() + 1e-8)).clamp_(0.0, 1.0)
+                _adam_step(params, grads, m1, m2, t, lr * 0.98 ** (t - 1))
         with torch.no_grad():
             best = torch.maximum(best, bound())
         return best
