@@ -8,8 +8,9 @@ One ``BoundedModule`` wraps a model. ``compute`` returns sound lower/upper bound
 * ``crown-ibp``: intermediate bounds by IBP, the final bound by a CROWN backward pass;
 * ``crown``: intermediate bounds of every nonlinearity's input by CROWN too (intersected with
   IBP, both being sound), then the final CROWN pass;
-* ``alpha-crown``: CROWN, then the lower slopes of ReLUs in the final pass are optimised with
-  projected Adam; the best bound seen per row is kept, so it is never looser than CROWN.
+* ``alpha-crown``: CROWN, then the relaxations' free lines (ReLU lower slopes, Sigmoid/Tanh/Erf
+  tangent points) of every bound pass are optimised with projected Adam; the best bound seen
+  per row is kept, so it is never looser than CROWN.
 
 Everything is batched over samples and specification rows; nothing loops over neurons. All
 bounds are differentiable w.r.t. the model's parameters, so training can backprop through them.
@@ -728,16 +729,15 @@ class BoundedModule:
     def _optimize_alpha(
         self, ctx: _Ctx, C: torch.Tensor, lb0: torch.Tensor, steps: int, lr: float
     ) -> torch.Tensor:
-        """Optimise ReLU lower slopes for the final lower bound (intermediate bounds fixed)."""
+        """Optimise the relaxations' free lines (ReLU lower slopes, S-shaped tangent points) for
+        the final lower bound, intermediate bounds fixed."""
         alphas: dict[fx.Node, torch.Tensor] = {}
         S = C.shape[1]
-        for node, rule in self.rules.items():
-            if rule.alpha_capable:
-                src = rule.leaves[rule.pert[0]]
-                itv = _interval(ctx.values[src])
-                l, u = itv.lower.detach(), itv.upper.detach()
-                init = (u > -l).to(l.dtype)  # CROWN's adaptive slope as the start
-                alphas[node] = init.unsqueeze(1).expand(-1, S, *init.shape[1:]).clone().requires_grad_(True)
+        for node in self._alpha_nodes():
+            rule = self.rules[node]
+            itv = _interval(ctx.values[rule.leaves[rule.pert[0]]])
+            init = rule.alpha_init(itv.lower.detach(), itv.upper.detach())  # CROWN's lines as the start
+            alphas[node] = init.unsqueeze(1).expand(-1, S, *init.shape[1:]).clone().requires_grad_(True)
         if not alphas or steps <= 0:
             return lb0
         best = lb0.detach().clone()
@@ -763,8 +763,8 @@ class BoundedModule:
         return best
 
     def _alpha_nodes(self) -> list[fx.Node]:
-        """The nodes of ReLU-like rules, whose lower slopes α-CROWN optimises."""
-        return [n for n in self.pert if (r := self.rules.get(n)) is not None and r.alpha_capable]
+        """The nodes whose relaxations have α-CROWN variables (``Rule.alpha_slopes``)."""
+        return [n for n in self.pert if (r := self.rules.get(n)) is not None and r.alpha_slopes > 0]
 
     def _alpha_bytes(self, ctx: _Ctx, spec: int) -> float:
         """Estimated bytes of :meth:`_alpha_crown`'s slope variables for the whole batch (with
@@ -773,7 +773,7 @@ class BoundedModule:
         B = ctx.inset.batch
         pos = {n: i for i, n in enumerate(self.pert)}
         sizes = {n: _interval(ctx.values[self.rules[n].leaves[self.rules[n].pert[0]]]).lower[0].numel()
-                 for n in self._alpha_nodes()}
+                 * self.rules[n].alpha_slopes for n in self._alpha_nodes()}
         total = float(sum(sizes.values()) * spec)
         for node in self.relaxed_inputs:
             if self._skips_crown_rows(ctx, node):
@@ -831,7 +831,7 @@ class BoundedModule:
 
         def init(r: fx.Node, spec: int) -> torch.Tensor:
             itv = _interval(ref[self.rules[r].leaves[self.rules[r].pert[0]]])
-            a = (itv.upper > -itv.lower).to(itv.lower.dtype)  # CROWN's adaptive slope
+            a = self.rules[r].alpha_init(itv.lower, itv.upper)  # CROWN's lines
             return a.unsqueeze(1).expand(-1, spec, *a.shape[1:]).clone().requires_grad_(True)
 
         order = [n for n in self.relaxed_inputs if n in rows and rows[n].numel() > 0]

@@ -62,9 +62,13 @@ class Rule:
     #: bounds are already CROWN-tight, CROWN identity rows for its output cannot beat IBP by
     #: much, so the engine keeps IBP there (auto_LiRPA's ``ibp_intermediate``)
     ibp_intermediate: ClassVar[bool] = False
-    #: a relaxed op with a free lower slope per neuron that α-CROWN may optimise (ReLU-like):
-    #: ``backward`` then honours its ``alpha`` argument, in [0, 1], one per neuron and row
+    #: a ReLU-like op (a kink at 0, a free lower slope per neuron): branch and bound splits its
+    #: neurons and tightens only the rows its unstable neurons need
     alpha_capable: ClassVar[bool] = False
+    #: how many α-CROWN variables per neuron the op's relaxation has (0: none; ReLU-like: 1,
+    #: the lower slope; S-shaped: 2, the lower and upper tangent points): ``backward`` then
+    #: honours its ``alpha`` argument, values in [0, 1] (see ``ActivationRule.alpha_init``)
+    alpha_slopes: ClassVar[int] = 0
     #: an addend (bias, residual) that an inference engine may fuse into its producer's
     #: accumulation: its rounding factor is sized from the producer's fan-in
     fusable_addend: ClassVar[bool] = False
@@ -141,6 +145,11 @@ class Rule:
         """
         raise NotImplementedError
 
+    def alpha_init(self, l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """α-CROWN's starting variables for input bounds ``(B, *shape)``, only for rules with
+        ``alpha_slopes > 0`` (see ``ActivationRule.alpha_init``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no alpha-CROWN variables")
+
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value], alpha: torch.Tensor | None = None) -> BackwardResult:
         """One CROWN step: pull the bound matrices of the output back to the perturbed inputs.
 
@@ -149,7 +158,7 @@ class Rule:
                 ``lA·y ≥ Σ_k lA_k·x_k + bl``; ``uA`` likewise for the upper bound (``≤``).
             vals: the resolved leaves, as for :meth:`ibp` (intervals of the inputs: the
                 relaxation's domain).
-            alpha: lower-slope variables, only for ``alpha_capable`` rules (others ignore it).
+            alpha: α-CROWN variables, only for rules with ``alpha_slopes > 0`` (others ignore it).
         Returns:
             ``([(lA_k, uA_k) per entry of pert], bl, bu)``: matrices ``(B, S, *in_k)`` (``None``
             where the corresponding output matrix was ``None``) and biases ``(B, S)`` or 0.0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -86,21 +87,37 @@ class ActivationRule(Rule):
         llw, llb, _, _ = self.relax(l, u, vals, alpha)
         return llw, llb
 
+    def alpha_init(self, l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """α-CROWN's starting variables for input bounds ``(B, *shape)``: ``(B, *shape)`` for
+        one variable per neuron (ReLU-like: CROWN's adaptive slope, 1 where ``u > -l``), or
+        ``(B, alpha_slopes, *shape)`` for several; every value in [0, 1] must be sound."""
+        return (u > -l).to(l.dtype)
+
+    def alpha_relax(self, l: torch.Tensor, u: torch.Tensor, vals: Sequence[Value], alpha: torch.Tensor
+                    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """``((lw, lb, uw, ub) of relax, (lower line, upper line) for a *lower* bound pass with
+        the variables ``alpha``)``: positive coefficients take the first, negative ones the
+        second. ReLU-like rules free only the lower line (the triangle's upper line is optimal)."""
+        lw, lb, uw, ub = self.relax(l, u, vals)
+        llw, llb = self.alpha_lower(l, u, vals, alpha, lw, lb)
+        return (lw, lb, uw, ub), (llw, llb, uw, ub)
+
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],
                  alpha: torch.Tensor | None = None) -> BackwardResult:
         itv: Interval = vals[0]
         l, u = itv.lower.unsqueeze(1), itv.upper.unsqueeze(1)
-        lw, lb, uw, ub = self.relax(l, u, vals)
+        if alpha is not None and lA is not None:
+            (lw, lb, uw, ub), (llw, llb, luw, lub) = self.alpha_relax(l, u, vals, alpha)
+        else:
+            lw, lb, uw, ub = self.relax(l, u, vals)
+            llw, llb, luw, lub = lw, lb, uw, ub
         nl = nu = None
         bl: torch.Tensor | float = 0.0
         bu: torch.Tensor | float = 0.0
         if lA is not None:
-            llw, llb = lw, lb
-            if alpha is not None:
-                llw, llb = self.alpha_lower(l, u, vals, alpha, lw, lb)
             pos, neg = lA.clamp(min=0), lA.clamp(max=0)
-            nl = pos * llw + neg * uw
-            bl = per_sample_flat(pos * llb + neg * ub, 2).sum(2)
+            nl = pos * llw + neg * luw
+            bl = per_sample_flat(pos * llb + neg * lub, 2).sum(2)
         if uA is not None:
             pos, neg = uA.clamp(min=0), uA.clamp(max=0)
             nu = pos * uw + neg * lw
@@ -154,6 +171,7 @@ def _relu_exact(l: torch.Tensor, u: torch.Tensor, slope_neg: float) -> torch.Ten
 class ReLURule(ActivationRule):
     label = "Relu"
     alpha_capable = True
+    alpha_slopes = 1
     module_types = (nn.ReLU,)
     functions = (torch.relu, F.relu)
     method_names = ("relu",)
@@ -180,6 +198,7 @@ class ReLURule(ActivationRule):
 class LeakyReLURule(ActivationRule):
     label = "LeakyRelu"
     alpha_capable = True
+    alpha_slopes = 1
     module_types = (nn.LeakyReLU,)
     functions = (F.leaky_relu,)
 
@@ -223,6 +242,25 @@ class LeakyReLURule(ActivationRule):
 _TANGENT_STEPS = 24
 
 
+class _TangentRanges(NamedTuple):
+    """Where an S-shaped relaxation's lower (upper) line is a tangent whose point may be
+    anywhere in ``[lower_lo, lower_hi]`` (``[upper_lo, upper_hi]``) and stay sound."""
+
+    lower_free: torch.Tensor
+    lower_lo: torch.Tensor
+    lower_hi: torch.Tensor
+    upper_free: torch.Tensor
+    upper_lo: torch.Tensor
+    upper_hi: torch.Tensor
+
+
+def _position(d: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``d``'s place in ``[lo, hi]`` as a fraction in [0, 1] (0.5 for an empty range)."""
+    w = hi - lo
+    ok = w > 0
+    return torch.where(ok, ((d - lo) / torch.where(ok, w, torch.ones_like(w))).clamp(0, 1), torch.full_like(w, 0.5))
+
+
 class _SShapedRule(ActivationRule):
     """Sigmoid and tanh: convex for x ≤ 0, concave for x ≥ 0, derivative unimodal.
 
@@ -249,8 +287,16 @@ class _SShapedRule(ActivationRule):
     def df(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    alpha_slopes = 2
+
     def relax(self, l: torch.Tensor, u: torch.Tensor, vals: Sequence[Value], alpha: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._lines(l, u)[0]
+
+    def _lines(self, l: torch.Tensor, u: torch.Tensor
+               ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], _TangentRanges]:
+        """CROWN's lines (moved outward) and, for α-CROWN, where each line is a tangent whose
+        point may move: see :class:`_TangentRanges`."""
         fl, fu = self.f(l), self.f(u)
         width = u - l
         narrow = width < 1e-6
@@ -260,15 +306,49 @@ class _SShapedRule(ActivationRule):
         concave = l >= 0
         convex = u <= 0
         cross = ~(concave | convex)
-        (cuw, cub), (clw, clb) = self._cross_lines(l, u, fl, fu, chord, cross)
+        (cuw, cub), (clw, clb), (du, dl, chord_u, chord_l) = self._cross_lines(l, u, fl, fu, chord, cross)
         # lower line
         lw = torch.where(concave, chord, torch.where(convex, dm, clw))
         lb = torch.where(concave, fl - chord * l, torch.where(convex, fm - dm * m, clb))
         # upper line
         uw = torch.where(concave, dm, torch.where(convex, chord, cuw))
         ub = torch.where(concave, fm - dm * m, torch.where(convex, fu - chord * u, cub))
+        # α-CROWN's tangent ranges: below f, any tangent point in the convex part left of the
+        # point whose tangent meets (u, f(u)) (all of [l, u] when u <= 0); above f, mirrored
+        ranges = _TangentRanges(
+            lower_free=(convex | (cross & ~chord_l)) & ~narrow, lower_lo=l, lower_hi=torch.where(convex, u, dl),
+            upper_free=(concave | (cross & ~chord_u)) & ~narrow, upper_lo=torch.where(concave, l, du), upper_hi=u)
         # rounding of the chord/tangent and the kernels' own error: see ActivationRule.outward
-        return self.outward(lw, lb, uw, ub, l, u)
+        return self.outward(lw, lb, uw, ub, l, u), ranges
+
+    def alpha_init(self, l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Two variables per neuron, the positions of the lower and the upper tangent point in
+        their ranges, started at CROWN's points (the midpoint, or the exact point where that
+        is past the midpoint), as auto_LiRPA starts ``tp_neg``/``tp_pos``/``tp_both_*``
+        (``operators/s_shaped.py``, ``_init_opt_parameters_impl``)."""
+        with torch.no_grad():
+            _, r = self._lines(l, u)
+            m = (l + u) / 2
+            a_lo = _position(torch.minimum(m, r.lower_hi), r.lower_lo, r.lower_hi)
+            a_hi = _position(torch.maximum(m, r.upper_lo), r.upper_lo, r.upper_hi)
+        return torch.stack([a_lo, a_hi], 1)
+
+    def alpha_relax(self, l: torch.Tensor, u: torch.Tensor, vals: Sequence[Value], alpha: torch.Tensor
+                    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Tangent-point optimisation (α-CROWN for S-shaped functions, auto_LiRPA
+        ``operators/s_shaped.py`` ``bound_relax_impl``: the tangent points are the variables,
+        clamped to where the tangent stays on its side of f). Here a variable ``a`` in [0, 1]
+        places the point at ``lo + a·(hi − lo)`` of its range, so every ``a`` is sound and the
+        projection is the one clamp all α share. Chords (no freedom) and stable ends keep
+        CROWN's lines. Returns ``(relax's lines, (lower, upper) lines for a lower pass)``."""
+        lines, r = self._lines(l, u)
+        lw, lb, uw, ub = lines
+        d_lo = r.lower_lo + alpha[:, :, 0] * (r.lower_hi - r.lower_lo)
+        d_hi = r.upper_lo + alpha[:, :, 1] * (r.upper_hi - r.upper_lo)
+        tlw, tuw = self.df(d_lo), self.df(d_hi)
+        tlw, tlb, tuw, tub = self.outward(tlw, self.f(d_lo) - tlw * d_lo, tuw, self.f(d_hi) - tuw * d_hi, l, u)
+        return lines, (torch.where(r.lower_free, tlw, lw), torch.where(r.lower_free, tlb, lb),
+                       torch.where(r.upper_free, tuw, uw), torch.where(r.upper_free, tub, ub))
 
     def _tangent_through(self, p: torch.Tensor, fp: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                          upper: bool) -> torch.Tensor:
@@ -289,9 +369,12 @@ class _SShapedRule(ActivationRule):
 
     def _cross_lines(self, l: torch.Tensor, u: torch.Tensor, fl: torch.Tensor, fu: torch.Tensor,
                      chord: torch.Tensor, cross: torch.Tensor
-                     ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """``((upper slope, intercept), (lower slope, intercept))`` for intervals across 0 (see
-        the class docstring); other entries are computed on a harmless placeholder interval."""
+                     ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor],
+                                tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``((upper slope, intercept), (lower slope, intercept), (upper tangent point's least
+        valid position, lower's greatest, upper is the chord, lower is the chord))`` for
+        intervals across 0 (see the class docstring); other entries are computed on a harmless
+        placeholder interval."""
         one = torch.ones_like(l)
         lc, uc = torch.where(cross, l, -one), torch.where(cross, u, one)
         flc, fuc = torch.where(cross, fl, self.f(-one)), torch.where(cross, fu, self.f(one))
@@ -302,16 +385,18 @@ class _SShapedRule(ActivationRule):
         # the chord is above f on [l, u]. Any tangent point right of d is valid too: where d
         # is left of the midpoint, the midpoint's tangent is the more balanced line (auto_LiRPA's
         # "smoothness enhancement", s_shaped.py)
-        du = torch.maximum(self._tangent_through(lc, flc, zero, uc, upper=True), mid)
+        du_exact = self._tangent_through(lc, flc, zero, uc, upper=True)
+        du = torch.maximum(du_exact, mid)
         use_chord_u = (self.f(uc) + self.df(uc) * (lc - uc) - flc) < 0
         uw = torch.where(use_chord_u, chc, self.df(du))
         ub = torch.where(use_chord_u, fuc - chc * uc, self.f(du) - self.df(du) * du)
         # lower: mirrored, tangent at d in [l, 0] through (u, f(u)); any point left of it is valid
-        dl = torch.minimum(self._tangent_through(uc, fuc, lc, zero, upper=False), mid)
+        dl_exact = self._tangent_through(uc, fuc, lc, zero, upper=False)
+        dl = torch.minimum(dl_exact, mid)
         use_chord_l = (self.f(lc) + self.df(lc) * (uc - lc) - fuc) > 0
         lw = torch.where(use_chord_l, chc, self.df(dl))
         lb = torch.where(use_chord_l, flc - chc * lc, self.f(dl) - self.df(dl) * dl)
-        return (uw, ub), (lw, lb)
+        return (uw, ub), (lw, lb), (du_exact, dl_exact, use_chord_u, use_chord_l)
 
 
 @register
