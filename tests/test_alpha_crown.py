@@ -108,3 +108,36 @@ def test_cheap_relu_lower_line_equals_the_general_one(act: nn.Module) -> None:
     ref = ActivationRule.alpha_lower(rule, lo, hi, [None], alpha, lw, lb)
     for f, r in zip(fast, ref):
         assert torch.allclose(f, r.expand_as(f), rtol=1e-6, atol=1e-12)
+
+
+def test_per_sample_rows_give_the_bound_of_the_batch_union(monkeypatch: pytest.MonkeyPatch) -> None:
+    """α-CROWN re-optimises only each sample's own unstable neurons (``_alpha_rows``: padded
+    ``(B, K)`` rows); the neurons CROWN made stable in a sample but not in another cannot change
+    that sample's bound, so it equals the bound with the batch's union of rows."""
+    import certonnx.bounds.engine as E
+
+    net = _mlp(5, width=32, depth=3)
+    # samples far apart: each leaves a different set of neurons unstable
+    torch.manual_seed(0)
+    x = torch.rand(8, 6) * 2
+    C = margin_matrix(net(x).argmax(1), 4)
+    inset = InputSet(x, 0.1)
+    seen: list[int] = []
+    orig = E.BoundedModule._alpha_rows
+
+    def spy(self, node, idx, ref):  # type: ignore[no-untyped-def]
+        out = orig(self, node, idx, ref)
+        seen.append(out.ndim)
+        return out
+
+    with torch.no_grad():
+        monkeypatch.setattr(E.BoundedModule, "_alpha_rows", spy)
+        per_sample, _ = BoundedModule(net, (6,)).compute(inset, C, "alpha-crown", alpha_steps=8, upper=False)
+        assert 2 in seen, "the case must exercise per-sample rows"
+        monkeypatch.setattr(E, "PER_SAMPLE_ROWS", 0.0)  # never per sample: the union, as before
+        seen.clear()
+        union, _ = BoundedModule(net, (6,)).compute(inset, C, "alpha-crown", alpha_steps=8, upper=False)
+        assert 2 not in seen
+    assert torch.allclose(per_sample, union, atol=1e-5, rtol=1e-5), (per_sample - union).abs().max()
+    la, ua = BoundedModule(net, (6,)).compute(inset, C, "alpha-crown", alpha_steps=8)
+    assert_sound(net, C, inset, la, ua, n_samples=6000, label="alpha/per-sample")

@@ -68,13 +68,58 @@ def _abs(b: torch.Tensor | float) -> torch.Tensor | float:
 def _selection(idx: torch.Tensor, sign: torch.Tensor, shape: Sequence[int], batch: int,
                like: torch.Tensor) -> torch.Tensor:
     """Selection rows ``(batch, S, *shape)``: row ``r`` is ``sign[r]`` at flat neuron ``idx[r]``
-    (the identity specification of an intermediate CROWN pass), shared over the batch."""
+    (the identity specification of an intermediate CROWN pass), shared over the batch; with
+    ``(batch, S)`` indices and signs, each sample's own rows."""
     n = 1
     for d in shape:
         n *= int(d)
+    if idx.ndim == 2:
+        A = torch.zeros(batch, idx.shape[1], n, device=like.device, dtype=like.dtype)
+        A.scatter_(2, idx.unsqueeze(2), sign.to(like.dtype).unsqueeze(2))
+        return A.reshape(batch, -1, *shape)
     A = torch.zeros(idx.numel(), n, device=like.device, dtype=like.dtype)
     A[torch.arange(idx.numel(), device=idx.device), idx] = sign.to(like.dtype)
     return A.reshape(-1, *shape).unsqueeze(0).expand(batch, -1, *shape)
+
+
+#: per-sample rows (each sample its own unstable neurons, padded to the largest count) replace
+#: the batch's union when they are at most this fraction of it
+PER_SAMPLE_ROWS = 0.75
+
+
+def _per_sample_rows(mask: torch.Tensor) -> torch.Tensor:
+    """``(B, K)`` flat indices of each sample's ``True`` neurons in ``mask (B, n)``, padded with
+    ``n`` (a column that :func:`_write_rows` drops) to the largest count ``K``."""
+    n = mask.shape[1]
+    k = int(mask.sum(1).max()) if mask.numel() else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :k]
+    return torch.where(mask.gather(1, order), order, torch.full_like(order, n))
+
+
+def _row_count(idx: torch.Tensor) -> int:
+    """Rows per sample of shared ``(k,)`` or per-sample ``(B, K)`` indices."""
+    return int(idx.shape[-1])
+
+
+def _compute_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """The neuron each row is computed for: the padding (``n``) computes neuron 0, dropped later."""
+    return idx if idx.ndim == 1 else torch.where(idx < n, idx, torch.zeros_like(idx))
+
+
+def _write_rows(flat: torch.Tensor, idx: torch.Tensor, new: torch.Tensor,
+                pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], straight: bool = False) -> torch.Tensor:
+    """``flat (B, n)`` with the rows ``idx`` replaced by ``pick(new, old)`` (the tighter of two
+    sound bounds). ``straight``: the value is that, the gradient is ``new``'s (α-CROWN)."""
+    n = flat.shape[1]
+    old = flat[:, idx] if idx.ndim == 1 else flat.gather(1, _compute_rows(idx, n))
+    val = pick(new, old)
+    if straight:
+        val = val.detach() - new.detach() + new
+    if idx.ndim == 1:
+        out = flat.clone()
+        out[:, idx] = val
+        return out
+    return torch.cat([flat, flat[:, :1]], 1).scatter(1, idx, val)[:, :n]
 
 
 def _adam_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], m1: Sequence[torch.Tensor],
@@ -452,24 +497,23 @@ class BoundedModule:
 
     def tighten_rows(self, ctx: _Ctx, node: fx.Node, idx: torch.Tensor, lo_flat: torch.Tensor,
                      hi_flat: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """CROWN bounds of the neurons ``idx`` of ``node`` (flattened per sample), ``chunk`` rows
-        of the identity specification per backward pass, intersected with the bounds given
-        (both sound). Returns new flat ``(lower, upper)`` of shape ``(B, n)``."""
+        """CROWN bounds of the neurons ``idx`` of ``node`` (flattened per sample; ``(k,)`` for
+        every sample or ``(B, K)`` per sample, see :meth:`_rows_to_tighten`), ``chunk`` rows of
+        the identity specification per backward pass, intersected with the bounds given (both
+        sound). Returns new flat ``(lower, upper)`` of shape ``(B, n)``."""
         B, n = lo_flat.shape
         shape = tuple(_interval(ctx.values[node]).lower.shape[1:])
         lows, ups = [], []
-        for s in range(0, idx.numel(), chunk):
-            rows = idx[s : s + chunk]
+        for s in range(0, _row_count(idx), chunk):
+            rows = _compute_rows(idx[..., s : s + chunk], n)
             sign = torch.ones_like(rows)
             A = _selection(rows, sign, shape, B, lo_flat)
             lb, ub = self.backward(ctx, node, A, A, rows=(rows, sign))
             assert lb is not None and ub is not None
             lows.append(lb)
             ups.append(ub)
-        new_lo, new_hi = lo_flat.clone(), hi_flat.clone()
-        new_lo[:, idx] = torch.maximum(torch.cat(lows, 1), lo_flat[:, idx])
-        new_hi[:, idx] = torch.minimum(torch.cat(ups, 1), hi_flat[:, idx])
-        return new_lo, new_hi
+        return (_write_rows(lo_flat, idx, torch.cat(lows, 1), torch.maximum),
+                _write_rows(hi_flat, idx, torch.cat(ups, 1), torch.minimum))
 
     def _crown_intermediate(self, ctx: _Ctx, chunk_bytes: int) -> dict[fx.Node, torch.Tensor]:
         """Tighten the interval of every relaxed node by a CROWN pass with identity spec.
@@ -484,11 +528,11 @@ class BoundedModule:
             B = itv.lower.shape[0]
             lo_flat, hi_flat = itv.lower.reshape(B, n), itv.upper.reshape(B, n)
             idx = self._rows_to_tighten(node, lo_flat, hi_flat)
-            if idx.numel() == 0:
+            if _row_count(idx) == 0:
                 continue
             widest = max(r.lower[0].numel() for r in ctx.values.values() if isinstance(r, Interval))
             per_row = max(1, B * widest * itv.lower.element_size() * 4)
-            chunk = max(1, min(idx.numel(), chunk_bytes // per_row))
+            chunk = max(1, min(_row_count(idx), chunk_bytes // per_row))
             new_lo, new_hi = self.tighten_rows(ctx, node, idx, lo_flat, hi_flat, chunk)
             ctx.values[node] = Interval(new_lo.reshape(B, *shape), new_hi.reshape(B, *shape))
             self.refresh_after(ctx, node)
@@ -554,10 +598,37 @@ class BoundedModule:
     def _rows_to_tighten(self, node: fx.Node, lo_flat: torch.Tensor, hi_flat: torch.Tensor) -> torch.Tensor:
         """The neurons of ``node`` (flat, ``(B, n)`` bounds) CROWN tightens: before ReLU-like
         ops only those unstable in some sample of the batch (a ReLU whose input is stable is
-        exact, which is most of CROWN's saving), else all."""
+        exact, which is most of CROWN's saving), else all. A neuron stable in one sample and
+        unstable in another is tightened in both: the tighter interval of a stable neuron
+        still tightens the next layer's IBP bound, which CROWN's is intersected with."""
         if self._only_relu_users(node):
             return ((lo_flat < 0) & (hi_flat > 0)).any(0).nonzero().flatten()
         return torch.arange(lo_flat.shape[1], device=lo_flat.device)
+
+    def _read_by_ibp(self, node: fx.Node) -> bool:
+        """Some relaxed op needs ``node``'s interval, directly or through ops whose interval
+        follows from it by IBP (a ReLU's output before a MaxPool, through a flatten)."""
+        if node in self.relaxed_inputs:
+            return True
+        return any((r := self.rules.get(w)) is not None and r.ibp_intermediate and self._read_by_ibp(w)
+                   for w in self.users.get(node, []))
+
+    def _alpha_rows(self, node: fx.Node, idx: torch.Tensor, ref: Interval) -> torch.Tensor:
+        """The rows of ``node`` α-CROWN re-optimises, from CROWN's rows ``idx`` and bounds
+        ``ref``: before ReLU-like ops whose outputs no other bound reads (no pooling reads
+        them by IBP), a neuron CROWN made stable needs no row (its relaxation is exact, and
+        intersected with CROWN's, its interval stays stable), so only each sample's own
+        unstable neurons get rows — ``(B, K)`` indices padded with ``n`` when that is at most
+        ``PER_SAMPLE_ROWS`` of the batch's union (a batch of 32 MNIST images leaves ~20 of 256
+        neurons of a layer unstable per image after CROWN, ~150 in the union)."""
+        if not self._only_relu_users(node) or any(self._read_by_ibp(u) for u in self.users.get(node, [])):
+            return idx
+        B = ref.lower.shape[0]
+        unstable = (ref.lower.reshape(B, -1) < 0) & (ref.upper.reshape(B, -1) > 0)
+        shared = unstable.any(0).nonzero().flatten()
+        if B > 1 and int(unstable.sum(1).max()) <= PER_SAMPLE_ROWS * shared.numel():
+            return _per_sample_rows(unstable)
+        return shared
 
     def _only_relu_users(self, node: fx.Node) -> bool:
         users = self.users.get(node, [])
@@ -601,7 +672,7 @@ class BoundedModule:
             if self._skips_crown_rows(ctx, node):
                 continue
             itv = _interval(ctx.values[node])
-            rows = self._rows_to_tighten(node, itv.lower.reshape(B, -1), itv.upper.reshape(B, -1)).numel()
+            rows = _row_count(self._rows_to_tighten(node, itv.lower.reshape(B, -1), itv.upper.reshape(B, -1)))
             cost += B * rows * prefix[node] / forward
         if method == "alpha-crown":
             # every step re-runs all CROWN passes (intermediate and final, the final with the
@@ -779,7 +850,7 @@ class BoundedModule:
             if self._skips_crown_rows(ctx, node):
                 continue
             itv = _interval(ctx.values[node])
-            k = self._rows_to_tighten(node, itv.lower.reshape(B, -1), itv.upper.reshape(B, -1)).numel()
+            k = _row_count(self._rows_to_tighten(node, itv.lower.reshape(B, -1), itv.upper.reshape(B, -1)))
             total += 2 * k * sum(sz for r, sz in sizes.items() if pos[r] < pos[node])
         return total * B * 4 * 8
 
@@ -834,16 +905,19 @@ class BoundedModule:
             a = self.rules[r].alpha_init(itv.lower, itv.upper)  # CROWN's lines
             return a.unsqueeze(1).expand(-1, spec, *a.shape[1:]).clone().requires_grad_(True)
 
-        order = [n for n in self.relaxed_inputs if n in rows and rows[n].numel() > 0]
+        # the rows to optimise: CROWN's, less those whose neurons it made stable
+        rows = {v: self._alpha_rows(v, idx, _interval(ref[v])) for v, idx in rows.items()}
+        order = [n for n in self.relaxed_inputs if n in rows and _row_count(rows[n]) > 0]
         alphas: dict[fx.Node, dict[fx.Node, torch.Tensor]] = {
-            v: {r: init(r, 2 * rows[v].numel()) for r in relus if pos[r] < pos[v]} for v in order}
+            v: {r: init(r, 2 * _row_count(rows[v])) for r in relus if pos[r] < pos[v]} for v in order}
         alphas[self.output_node] = {r: init(r, S) for r in relus}
         eyes: dict[fx.Node, torch.Tensor] = {}
         sel: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
         for v in order:
-            one = torch.ones_like(rows[v])
-            sel[v] = (torch.cat([rows[v], rows[v]]), torch.cat([one, -one]))  # [I; -I]
             itv = _interval(ref[v])
+            rc = _compute_rows(rows[v], itv.lower[0].numel())
+            one = torch.ones_like(rc)
+            sel[v] = (torch.cat([rc, rc], -1), torch.cat([one, -one], -1))  # [I; -I]
             eyes[v] = _selection(*sel[v], itv.lower.shape[1:], B, itv.lower)
         params = [a for d in alphas.values() for a in d.values()]
         m1 = [torch.zeros_like(a) for a in params]
@@ -854,18 +928,16 @@ class BoundedModule:
         def bound() -> torch.Tensor:
             dctx = _Ctx(dict(ref), ctx.inset)
             for v in order:
-                idx, k = rows[v], rows[v].numel()
+                idx, k = rows[v], _row_count(rows[v])
                 lb2, _ = self.backward(dctx, v, eyes[v], None, alphas=alphas[v], rows=sel[v])
                 assert lb2 is not None
                 cur = _interval(dctx.values[v])
                 shape = cur.lower.shape
-                lo, hi = cur.lower.reshape(B, -1).clone(), cur.upper.reshape(B, -1).clone()
-                new_lo, new_hi = lb2[:, :k], -lb2[:, k:]
                 # the value is the tighter of the two (sound); the gradient is the new bound's
                 # even where the reference wins, or a step that loosens a bound would cut its
                 # slopes off from the objective for good (auto_LiRPA bound_general.py does the same)
-                lo[:, idx] = torch.maximum(new_lo, lo[:, idx]).detach() - new_lo.detach() + new_lo
-                hi[:, idx] = torch.minimum(new_hi, hi[:, idx]).detach() - new_hi.detach() + new_hi
+                lo = _write_rows(cur.lower.reshape(B, -1), idx, lb2[:, :k], torch.maximum, straight=True)
+                hi = _write_rows(cur.upper.reshape(B, -1), idx, -lb2[:, k:], torch.minimum, straight=True)
                 dctx.values[v] = Interval(lo.reshape(shape), hi.reshape(shape))
                 if keep is not None:
                     old = keep.get(v)

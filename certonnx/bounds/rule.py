@@ -268,7 +268,8 @@ class AffineLayer(Rule):
     def backward_rows(self, idx: torch.Tensor, sign: torch.Tensor, lower: bool, upper: bool,
                       vals: Sequence[Value], batch: int) -> BackwardResult | None:
         """The backward step for *selection* rows, the start of every intermediate CROWN pass:
-        row ``r`` is ``sign[r]`` times output neuron ``idx[r]`` (flat). Same result as
+        row ``r`` is ``sign[r]`` times output neuron ``idx[r]`` (flat; ``(S,)`` for every sample,
+        or ``(B, S)``, each sample's own rows). Same result as
         :meth:`backward` with that one-hot matrix (for ``lower``/``upper``), without the
         matrix product: a dense layer slices its weights. ``None``: no shortcut, the engine
         multiplies the one-hot matrix."""

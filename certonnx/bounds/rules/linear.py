@@ -208,11 +208,16 @@ class LinearRule(_WeightedRule):
         if w.ndim != 2 or len(self.in_shapes[0]) != 1 or len(self.out_shape) != 1:
             return None
         sg = sign.to(w.dtype)
-        A = (sg[:, None] * w[idx]).unsqueeze(0).expand(batch, -1, -1)
-        bias = (sg * b[idx]).unsqueeze(0).expand(batch, -1) if b is not None else \
-            torch.zeros(batch, idx.numel(), device=w.device, dtype=w.dtype)
-        # |row| · err of a one-hot row is the selected neuron's error (rounding_term's value)
-        e = self.rounding(vals[0], w, b)[:, idx].detach()
+        if idx.ndim == 2:  # per-sample rows (B, K)
+            A = sg[..., None] * w[idx]
+            bias = sg * b[idx] if b is not None else torch.zeros(idx.shape, device=w.device, dtype=w.dtype)
+            e = self.rounding(vals[0], w, b).detach().expand(batch, -1).gather(1, idx)
+        else:
+            A = (sg[:, None] * w[idx]).unsqueeze(0).expand(batch, -1, -1)
+            bias = (sg * b[idx]).unsqueeze(0).expand(batch, -1) if b is not None else \
+                torch.zeros(batch, idx.numel(), device=w.device, dtype=w.dtype)
+            # |row| · err of a one-hot row is the selected neuron's error (rounding_term's value)
+            e = self.rounding(vals[0], w, b)[:, idx].detach()
         return [(A if lower else None, A if upper else None)], (bias - e if lower else 0.0), \
             (bias + e if upper else 0.0)
 
