@@ -267,3 +267,37 @@ def test_relu_split_bounds_are_sound_by_sampling():
         val = (out[..., 0] - out[..., 1]).masked_fill(outside, float("inf")).min(1).values
         assert torch.all(empty | (val >= lb[:, 0] - 1e-5))
         assert not bool((empty & torch.isfinite(val)).any())  # "empty" domains really are empty
+
+
+def test_relu_split_per_domain_rows_match_the_union() -> None:
+    """Branch and bound's intermediate CROWN rows per domain (each its own unstable neurons,
+    ``unstable_rows``) compute the same rows as the batch's union for those neurons; the union
+    only adds rows for neurons stable in that domain, so it may be tighter, never looser."""
+    import certonnx.bounds.engine as E
+    from certonnx.bounds import BoundedModule
+    from certonnx.certify.relu_split import ReluSplitBounder
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 30), nn.ReLU(), nn.Linear(30, 30), nn.ReLU(), nn.Linear(30, 2))
+    B = 16
+    lo = torch.rand(B, 3) - 1
+    hi = lo + torch.rand(B, 3) * 0.5
+    C = torch.tensor([[[1.0, -1.0]]]).expand(B, 1, 2)
+    rb = ReluSplitBounder(BoundedModule(net, (3,)))
+    seen: list[int] = []
+    orig = E.BoundedModule.tighten_rows
+
+    def spy(self, ctx, node, idx, *a):  # type: ignore[no-untyped-def]
+        seen.append(idx.ndim)
+        return orig(self, ctx, node, idx, *a)
+
+    E.BoundedModule.tighten_rows = spy  # type: ignore[method-assign]
+    try:
+        per_domain, *_ = rb.bound(lo, hi, None, C)
+    finally:
+        E.BoundedModule.tighten_rows = orig  # type: ignore[method-assign]
+    assert 2 in seen, "the case must exercise per-domain rows"
+    rb.per_domain_rows = False
+    union, *_ = rb.bound(lo, hi, None, C)
+    assert (per_domain <= union + 1e-6).all()
+    assert torch.allclose(per_domain, union, atol=1e-3 * float(union.abs().mean()) + 1e-6)

@@ -96,7 +96,17 @@ def _per_sample_rows(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.gather(1, order), order, torch.full_like(order, n))
 
 
-def _row_count(idx: torch.Tensor) -> int:
+def unstable_rows(unstable: torch.Tensor) -> torch.Tensor:
+    """Rows for the ``True`` neurons of ``unstable (B, n)``: each sample's own, ``(B, K)`` padded
+    with ``n`` (:func:`_per_sample_rows`), where the largest count is at most
+    ``PER_SAMPLE_ROWS`` of the batch's union; else the union, ``(k,)`` shared by all samples."""
+    shared = unstable.any(0).nonzero().flatten()
+    if unstable.shape[0] > 1 and int(unstable.sum(1).max()) <= PER_SAMPLE_ROWS * shared.numel():
+        return _per_sample_rows(unstable)
+    return shared
+
+
+def row_count(idx: torch.Tensor) -> int:
     """Rows per sample of shared ``(k,)`` or per-sample ``(B, K)`` indices."""
     return int(idx.shape[-1])
 
@@ -504,7 +514,7 @@ class BoundedModule:
         B, n = lo_flat.shape
         shape = tuple(_interval(ctx.values[node]).lower.shape[1:])
         lows, ups = [], []
-        for s in range(0, _row_count(idx), chunk):
+        for s in range(0, row_count(idx), chunk):
             rows = _compute_rows(idx[..., s : s + chunk], n)
             sign = torch.ones_like(rows)
             A = _selection(rows, sign, shape, B, lo_flat)
@@ -528,11 +538,11 @@ class BoundedModule:
             B = itv.lower.shape[0]
             lo_flat, hi_flat = itv.lower.reshape(B, n), itv.upper.reshape(B, n)
             idx = self._rows_to_tighten(node, lo_flat, hi_flat)
-            if _row_count(idx) == 0:
+            if row_count(idx) == 0:
                 continue
             widest = max(r.lower[0].numel() for r in ctx.values.values() if isinstance(r, Interval))
             per_row = max(1, B * widest * itv.lower.element_size() * 4)
-            chunk = max(1, min(_row_count(idx), chunk_bytes // per_row))
+            chunk = max(1, min(row_count(idx), chunk_bytes // per_row))
             new_lo, new_hi = self.tighten_rows(ctx, node, idx, lo_flat, hi_flat, chunk)
             ctx.values[node] = Interval(new_lo.reshape(B, *shape), new_hi.reshape(B, *shape))
             self.refresh_after(ctx, node)
@@ -624,11 +634,7 @@ class BoundedModule:
         if not self._only_relu_users(node) or any(self._read_by_ibp(u) for u in self.users.get(node, [])):
             return idx
         B = ref.lower.shape[0]
-        unstable = (ref.lower.reshape(B, -1) < 0) & (ref.upper.reshape(B, -1) > 0)
-        shared = unstable.any(0).nonzero().flatten()
-        if B > 1 and int(unstable.sum(1).max()) <= PER_SAMPLE_ROWS * shared.numel():
-            return _per_sample_rows(unstable)
-        return shared
+        return unstable_rows((ref.lower.reshape(B, -1) < 0) & (ref.upper.reshape(B, -1) > 0))
 
     def _only_relu_users(self, node: fx.Node) -> bool:
         users = self.users.get(node, [])
@@ -672,7 +678,7 @@ class BoundedModule:
             if self._skips_crown_rows(ctx, node):
                 continue
             itv = _interval(ctx.values[node])
-            rows = _row_count(self._rows_to_tighten(node, itv.lower.reshape(B, -1), itv.upper.reshape(B, -1)))
+            rows = row_count(self._rows_to_tighten(node, itv.lower.reshape(B, -1), itv.upper.reshape(B, -1)))
             cost += B * rows * prefix[node] / forward
         if method == "alpha-crown":
             # every step re-runs all CROWN passes (intermediate and final, the final with the
@@ -850,7 +856,7 @@ class BoundedModule:
             if self._skips_crown_rows(ctx, node):
                 continue
             itv = _interval(ctx.values[node])
-            k = _row_count(self._rows_to_tighten(node, itv.lower.reshape(B, -1), itv.upper.reshape(B, -1)))
+            k = row_count(self._rows_to_tighten(node, itv.lower.reshape(B, -1), itv.upper.reshape(B, -1)))
             total += 2 * k * sum(sz for r, sz in sizes.items() if pos[r] < pos[node])
         return total * B * 4 * 8
 
@@ -907,9 +913,9 @@ class BoundedModule:
 
         # the rows to optimise: CROWN's, less those whose neurons it made stable
         rows = {v: self._alpha_rows(v, idx, _interval(ref[v])) for v, idx in rows.items()}
-        order = [n for n in self.relaxed_inputs if n in rows and _row_count(rows[n]) > 0]
+        order = [n for n in self.relaxed_inputs if n in rows and row_count(rows[n]) > 0]
         alphas: dict[fx.Node, dict[fx.Node, torch.Tensor]] = {
-            v: {r: init(r, 2 * _row_count(rows[v])) for r in relus if pos[r] < pos[v]} for v in order}
+            v: {r: init(r, 2 * row_count(rows[v])) for r in relus if pos[r] < pos[v]} for v in order}
         alphas[self.output_node] = {r: init(r, S) for r in relus}
         eyes: dict[fx.Node, torch.Tensor] = {}
         sel: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -928,7 +934,7 @@ class BoundedModule:
         def bound() -> torch.Tensor:
             dctx = _Ctx(dict(ref), ctx.inset)
             for v in order:
-                idx, k = rows[v], _row_count(rows[v])
+                idx, k = rows[v], row_count(rows[v])
                 lb2, _ = self.backward(dctx, v, eyes[v], None, alphas=alphas[v], rows=sel[v])
                 assert lb2 is not None
                 cur = _interval(dctx.values[v])

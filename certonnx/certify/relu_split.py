@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from certonnx.bounds import InputSet, Interval
+from certonnx.bounds.engine import row_count, unstable_rows
 
 
 class ReluSplitBounder:
@@ -30,6 +31,8 @@ class ReluSplitBounder:
     def __init__(self, bm: Any, chunk_bytes: int = 1 << 27) -> None:
         self.bm = bm
         self.chunk_bytes = chunk_bytes
+        #: intermediate CROWN rows per domain (:func:`unstable_rows`) rather than the union
+        self.per_domain_rows = True
         nodes = [n for n in bm.relaxed_inputs if n is not bm.input_node]
         self.usable = bool(nodes) and all(bm._only_relu_users(n) for n in nodes)
         self.nodes = nodes if self.usable else []
@@ -85,11 +88,14 @@ class ReluSplitBounder:
                     # clamp with the splits of this node before its CROWN pass too (IBP part)
                     lo_f = torch.where(sp > 0, lo_f.clamp_min(0.0), lo_f)
                     hi_f = torch.where(sp < 0, hi_f.clamp_max(0.0), hi_f)
-                idx = ((lo_f < 0) & (hi_f > 0)).any(0).nonzero().flatten()
-                if idx.numel():
+                # each domain's own unstable neurons where that is much less than the union
+                # (domains of one instance differ in which neurons their splits settled)
+                idx = unstable_rows((lo_f < 0) & (hi_f > 0)) if self.per_domain_rows else \
+                    ((lo_f < 0) & (hi_f > 0)).any(0).nonzero().flatten()
+                if row_count(idx):
                     ctx.values[node] = Interval(lo_f.reshape(B, *shape), hi_f.reshape(B, *shape))
                     per_row = max(1, B * max(self.sizes + [int(lo[0].numel())]) * 16)
-                    chunk = max(1, min(idx.numel(), self.chunk_bytes // per_row))
+                    chunk = max(1, min(row_count(idx), self.chunk_bytes // per_row))
                     lo_f, hi_f = bm.tighten_rows(ctx, node, idx, lo_f, hi_f, chunk)
                 if splits is not None:
                     sp = splits[:, off:off + size]

@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32, help="images per MLP (conv nets use fewer, see the table)")
     ap.add_argument("--alpha-steps", type=int, default=20)
     ap.add_argument("--nets", default=None, help="comma-separated subset of the net names")
+    ap.add_argument("--ref-timeout", type=float, default=3600.0,
+                    help="seconds for auto_LiRPA on one net (all its methods); past it the rows say so")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -161,6 +163,7 @@ def main() -> None:
     from certonnx.bounds import margin_matrix
 
     only = set(args.nets.split(",")) if args.nets else None
+    done: set[str] = set()
     rows: list[str] = []
     ref_version = "?"
     with tempfile.TemporaryDirectory() as tmpd:
@@ -171,15 +174,23 @@ def main() -> None:
             C = margin_matrix(y, 10)
             lo, hi = (x - net.eps).clamp(0, 1), (x + net.eps).clamp(0, 1)
             np.savez(tmp / "in.npz", x=x.numpy(), lo=lo.numpy(), hi=hi.numpy(), C=C.numpy())
-            res = subprocess.run([str(args.reference_python), str(WORKER), "--onnx", str(net.path), "--inputs",
-                                  str(tmp / "in.npz"), "--methods", ",".join(net.methods), "--alpha-steps",
-                                  str(args.alpha_steps), "--out", str(tmp / "ref.json")],
-                                 capture_output=True, text=True, timeout=3600)
-            if res.returncode != 0:
-                print(res.stdout, res.stderr, file=sys.stderr)
-                raise SystemExit(f"{net.name}: the auto_LiRPA worker failed (exit {res.returncode})")
-            ref = json.loads((tmp / "ref.json").read_text())
-            ref_version = ref["version"]
+            ref: dict = {"methods": {}}
+            for method in net.methods:  # one worker per method, so a time-out costs only that row
+                try:
+                    res = subprocess.run([str(args.reference_python), str(WORKER), "--onnx", str(net.path),
+                                          "--inputs", str(tmp / "in.npz"), "--methods", method, "--alpha-steps",
+                                          str(args.alpha_steps), "--out", str(tmp / "ref.json")],
+                                         capture_output=True, text=True, timeout=args.ref_timeout)
+                except subprocess.TimeoutExpired:
+                    # certonnx is still measured; the row says auto_LiRPA did not finish
+                    ref["methods"][method] = {"error": f"did not finish within {args.ref_timeout:g} s"}
+                    continue
+                if res.returncode != 0:
+                    print(res.stdout, res.stderr, file=sys.stderr)
+                    raise SystemExit(f"{net.name}: the auto_LiRPA worker failed (exit {res.returncode})")
+                one = json.loads((tmp / "ref.json").read_text())
+                ref["methods"].update(one["methods"])
+                ref_version = one["version"]
             for method in net.methods:
                 lb_s, t_s = _ours(model, x, C, net.eps, method, args.alpha_steps, exact=False)
                 lb_e, t_e = _ours(model, x, C, net.eps, method, args.alpha_steps, exact=True)
@@ -198,6 +209,18 @@ def main() -> None:
                     f"{float(d.mean()):+.2e} / {float(d.abs().max()):.1e} | {int((lb_s.amin(1) > 0).sum())} | "
                     f"{int((lb_r.amin(1) > 0).sum())} | exact-mode time {t_e / r['seconds']:.2f}× |")
                 print(rows[-1], flush=True)
+            done.add(net.name)
+            if only is None:  # a full run keeps what it measured if it is stopped: write after each net
+                _write(args, rows, done, ref_version, progress=done)
+    print(_write(args, rows, only, ref_version))
+
+
+def _write(args: argparse.Namespace, rows: list[str], only: set[str] | None, ref_version: str,
+           progress: set[str] | None = None) -> str:
+    """The section's text for ``rows`` and, unless ``--no-write``, docs/benchmarks.md updated:
+    with ``only``, the rows of those nets replace theirs in the section already there (the
+    rest are kept); ``progress``: the nets a full run, still going or stopped, has measured
+    (the section says which rows are from an earlier run)."""
     body = (
         "`python tools/bench/lirpa.py --build-reference .bench-lirpa --lirpa-src AUTO_LIRPA_CLONE` once, then "
         f"`python tools/bench/lirpa.py --reference-python .bench-lirpa/bin/python --n {args.n} --alpha-steps "
@@ -208,7 +231,9 @@ def main() -> None:
         "(rounding terms); `exact` is certonnx without them, the like-for-like comparison with auto_LiRPA. "
         "Δ = certonnx exact − auto_LiRPA (mean / max |Δ|; > 0: certonnx tighter). Certified: all margins > 0, "
         "certonnx counted with its sound bounds.\n\n"
-        "| net | images | method | certonnx s | auto_LiRPA s | ratio | mean lb, sound | mean lb, exact | "
+        + (f"(A full run stopped or still going; measured in it so far: {', '.join(sorted(progress))}. "
+           "The other rows are from an earlier run.)\n\n" if progress else "")
+        + "| net | images | method | certonnx s | auto_LiRPA s | ratio | mean lb, sound | mean lb, exact | "
         "mean lb, auto_LiRPA | Δ mean / max | certified, certonnx | certified, auto_LiRPA | note |\n"
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n" + "\n".join(rows)
     )
@@ -218,7 +243,7 @@ def main() -> None:
         body = head + rule + "\n" + "\n".join(_merge_rows(args.out.read_text(), rows, only))
     if not args.no_write:
         write_section(args.out, "Side by side with auto_LiRPA", body)
-    print(body)
+    return body
 
 
 def _merge_rows(doc: str, new: list[str], rerun: set[str]) -> list[str]:
