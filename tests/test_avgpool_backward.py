@@ -1,0 +1,60 @@
+"""AvgPool's CROWN step for windows that tile the input (``AvgPoolRule.backward`` fast path)
+gives the generic vector-Jacobian product's values and rounding terms, on odd sizes that the
+floor mode crops, kernels 2 and 3, non-square ones, lower-only and both bounds; pools that do
+not tile (overlap, padding, ceil mode) keep the generic step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from certonnx.bounds import BoundedModule, InputSet, Interval
+from certonnx.bounds.rules.common import MonotoneLinearRule
+from certonnx.bounds.rules.pool import AvgPoolRule
+from tests.bounds_util import assert_sound
+
+
+def _rule(pool: nn.Module, shape: tuple[int, int, int]) -> tuple[AvgPoolRule, BoundedModule]:
+    net = nn.Sequential(nn.Conv2d(shape[0], shape[0], 1), nn.ReLU(), pool, nn.Flatten())
+    bm = BoundedModule(net, shape)
+    bm.compute(InputSet(torch.rand(2, *shape), 0.1), method="crown")  # sizes the rounding factors
+    return next(r for r in bm.rules.values() if isinstance(r, AvgPoolRule)), bm
+
+
+@pytest.mark.parametrize("pool,shape,tiles", [
+    (nn.AvgPool2d(2), (3, 8, 8), True), (nn.AvgPool2d(2), (2, 7, 9), True), (nn.AvgPool2d(3), (2, 10, 8), True),
+    (nn.AvgPool2d((2, 3)), (1, 6, 7), True), (nn.AvgPool2d(3, stride=2), (2, 9, 9), False),
+    (nn.AvgPool2d(2, padding=1), (2, 6, 6), False), (nn.AvgPool2d(2, ceil_mode=True), (2, 7, 7), False)])
+@pytest.mark.parametrize("both", [False, True])
+def test_tiling_step_equals_the_generic_vjp(pool: nn.Module, shape: tuple[int, int, int], tiles: bool,
+                                            both: bool) -> None:
+    rule, _ = _rule(pool, shape)
+    assert (rule._tiles() is not None) == tiles
+    lo = torch.randn(2, *shape)
+    vals = [Interval(lo, lo + torch.rand(2, *shape))]
+    out = pool(torch.zeros(1, *shape)).shape[1:]
+    g = torch.Generator().manual_seed(1)
+    lA = torch.randn(2, 5, *out, generator=g)
+    uA = torch.randn(2, 5, *out, generator=g) if both else None
+    (fast,), bl, bu = rule.backward(lA, uA, vals)
+    (ref,), rbl, rbu = MonotoneLinearRule.backward(rule, lA, uA, vals)
+    for a, b in zip(fast, ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-7)
+    assert torch.allclose(torch.as_tensor(bl), torch.as_tensor(rbl), rtol=1e-6, atol=1e-9)
+    if both:
+        assert torch.allclose(torch.as_tensor(bu), torch.as_tensor(rbu), rtol=1e-6, atol=1e-9)
+
+
+def test_conv_avgpool_net_bounds_are_sound() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 2), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
+    x = torch.rand(3, 1, 9, 9)
+    C = torch.eye(3).expand(3, 3, 3)
+    inset = InputSet(x, 0.1)
+    bm = BoundedModule(net, (1, 9, 9))
+    for method in ("ibp", "crown", "alpha-crown"):
+        lb, ub = bm.compute(inset, C, method)
+        assert_sound(net, C, inset, lb, ub, n_samples=4000, label=f"avgpool/{method}")
