@@ -269,7 +269,7 @@ def test_relu_split_bounds_are_sound_by_sampling():
         assert not bool((empty & torch.isfinite(val)).any())  # "empty" domains really are empty
 
 
-def test_relu_split_per_domain_rows_match_the_union() -> None:
+def test_relu_split_per_domain_rows_match_the_union(monkeypatch: pytest.MonkeyPatch) -> None:
     """Branch and bound's intermediate CROWN rows per domain (each its own unstable neurons,
     ``unstable_rows``) compute the same rows as the batch's union for those neurons; the union
     only adds rows for neurons stable in that domain, so it may be tighter, never looser."""
@@ -291,13 +291,12 @@ def test_relu_split_per_domain_rows_match_the_union() -> None:
         seen.append(idx.ndim)
         return orig(self, ctx, node, idx, *a)
 
-    E.BoundedModule.tighten_rows = spy  # type: ignore[method-assign]
-    try:
-        per_domain, *_ = rb.bound(lo, hi, None, C)
-    finally:
-        E.BoundedModule.tighten_rows = orig  # type: ignore[method-assign]
+    monkeypatch.setattr(E.BoundedModule, "tighten_rows", spy)
+    per_domain, *_ = rb.bound(lo, hi, None, C)
     assert 2 in seen, "the case must exercise per-domain rows"
-    rb.per_domain_rows = False
+    monkeypatch.setattr(E, "PER_SAMPLE_ROWS", 0.0)  # never per domain: the union
+    seen.clear()
     union, *_ = rb.bound(lo, hi, None, C)
+    assert 2 not in seen
     assert (per_domain <= union + 1e-6).all()
     assert torch.allclose(per_domain, union, atol=1e-3 * float(union.abs().mean()) + 1e-6)

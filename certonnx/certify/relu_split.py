@@ -31,8 +31,6 @@ class ReluSplitBounder:
     def __init__(self, bm: Any, chunk_bytes: int = 1 << 27) -> None:
         self.bm = bm
         self.chunk_bytes = chunk_bytes
-        #: intermediate CROWN rows per domain (:func:`unstable_rows`) rather than the union
-        self.per_domain_rows = True
         nodes = [n for n in bm.relaxed_inputs if n is not bm.input_node]
         self.usable = bool(nodes) and all(bm._only_relu_users(n) for n in nodes)
         self.nodes = nodes if self.usable else []
@@ -90,8 +88,7 @@ class ReluSplitBounder:
                     hi_f = torch.where(sp < 0, hi_f.clamp_max(0.0), hi_f)
                 # each domain's own unstable neurons where that is much less than the union
                 # (domains of one instance differ in which neurons their splits settled)
-                idx = unstable_rows((lo_f < 0) & (hi_f > 0)) if self.per_domain_rows else \
-                    ((lo_f < 0) & (hi_f > 0)).any(0).nonzero().flatten()
+                idx = unstable_rows((lo_f < 0) & (hi_f > 0))
                 if row_count(idx):
                     ctx.values[node] = Interval(lo_f.reshape(B, *shape), hi_f.reshape(B, *shape))
                     per_row = max(1, B * max(self.sizes + [int(lo[0].numel())]) * 16)

@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--alpha-steps", type=int, default=20)
     ap.add_argument("--nets", default=None, help="comma-separated subset of the net names")
     ap.add_argument("--ref-timeout", type=float, default=3600.0,
-                    help="seconds for auto_LiRPA on one net (all its methods); past it the rows say so")
+                    help="seconds for auto_LiRPA on one method of one net; past it that row says so")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
