@@ -289,6 +289,33 @@ class MatMulRule(_WeightedRule):
 _CONV_INPUT_GRAD = {1: nn_grad.conv1d_input, 2: nn_grad.conv2d_input, 3: nn_grad.conv3d_input}
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
+# a 2-D kernel with at most this many taps per output channel (C_in·k_h·k_w; a first layer on
+# 1- or 3-channel images) is transposed as a matmul and a fold on CPU
+FOLD_TAPS = 32
+
+
+def conv_input_grad(in_shape: Sequence[int], w: torch.Tensor, A: torch.Tensor, stride: tuple, pad: tuple,
+                    dil: tuple, groups: int) -> torch.Tensor:
+    """``A`` (N, C_out, *out) pulled back through the convolution: the transposed convolution,
+    (N, *in_shape). The same sums in another order, chosen for speed on CPU, where a bound
+    pass pulls back tens of thousands of rows at once (measured, tools/bench/conv_backward.py):
+    a kernel with few taps (C_in·k ≤ :data:`FOLD_TAPS`) as ``Wᵀ·A`` and a fold (2–7×: the
+    transposed convolution spends its time on a single output channel), any other 2-D one as
+    a transposed convolution in channels-last layout (1.1–3×). Elsewhere (CUDA, 1-D, 3-D,
+    groups) autograd's own convolution backward."""
+    nd = w.ndim - 2
+    if A.device.type != "cpu" or nd != 2 or groups != 1:
+        return _CONV_INPUT_GRAD[nd]((A.shape[0], *in_shape), w, A, stride, pad, dil, groups)
+    kh, kw = int(w.shape[2]), int(w.shape[3])
+    if int(w.shape[1]) * kh * kw <= FOLD_TAPS:
+        cols = torch.matmul(w.reshape(w.shape[0], -1).t(), A.flatten(2))  # (N, C_in·k_h·k_w, L)
+        return F.fold(cols, tuple(in_shape[-2:]), (kh, kw), dilation=dil, padding=pad, stride=stride)
+    out_pad = tuple(int(in_shape[1 + i]) - ((int(A.shape[2 + i]) - 1) * stride[i] - 2 * pad[i]
+                                             + dil[i] * (int(w.shape[2 + i]) - 1) + 1) for i in range(2))
+    out = F.conv_transpose2d(A.contiguous(memory_format=torch.channels_last), w, None, stride, pad, out_pad, 1,
+                             dil)
+    return out.contiguous()
+
 
 @register
 class ConvRule(_WeightedRule):
@@ -365,7 +392,7 @@ class ConvRule(_WeightedRule):
         A, sizes = stack_A(lA, uA)
         B, S = A.shape[:2]
         flat = A.reshape(B * S, *A.shape[2:])
-        nA = _CONV_INPUT_GRAD[nd]((B * S, *self.in_shapes[0]), w, flat, stride, pad, dil, groups)
+        nA = conv_input_grad(self.in_shapes[0], w, flat, stride, pad, dil, groups)
         nA = nA.reshape(B, S, *self.in_shapes[0])
         if b is not None:
             bias = (A.flatten(3).sum(3) * b).sum(2)
