@@ -50,3 +50,26 @@ def test_gradient_flows_through_fast_path() -> None:
     nn_grad.conv2d_input((5, 1, 8, 8), weight, B, (1, 1), (0, 0), (1, 1), 1).sum().backward()
     assert A.grad is not None and B.grad is not None
     assert torch.allclose(A.grad, B.grad)
+
+
+@pytest.mark.parametrize("size", [28, 27])
+def test_maxpool_tiling_path_matches_fold(size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MaxPool's CROWN step for tiling windows (a transpose) gives the bounds of the general
+    fold, also where the last row and column lie outside every window (27 = 2·13 + 1)."""
+    from torch import nn
+
+    from certonnx.bounds import BoundedModule, InputSet, margin_matrix
+    from certonnx.bounds.rules.pool import MaxPoolRule
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(6 * (size // 2) ** 2, 10)).eval()
+    x = torch.rand(3, 1, size, size)
+    C = margin_matrix(torch.tensor([1, 4, 7]), 10)
+    s = InputSet(x, 0.03, norm="linf", domain=(0.0, 1.0))
+    with torch.no_grad():
+        fast, fast_u = BoundedModule(net, (1, size, size)).compute(s, C=C, method="crown")
+        monkeypatch.setattr(MaxPoolRule, "_tiles", lambda self: False)
+        slow, slow_u = BoundedModule(net, (1, size, size)).compute(s, C=C, method="crown")
+    assert fast_u is not None and slow_u is not None
+    assert torch.allclose(fast, slow, rtol=0, atol=1e-5) and torch.allclose(fast_u, slow_u, rtol=0, atol=1e-5)

@@ -227,6 +227,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    from certonnx.allocator import tune_allocator
+
+    tune_allocator()
     res = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

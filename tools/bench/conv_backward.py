@@ -29,6 +29,7 @@ from torch.nn import grad as nn_grad
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from certonnx.allocator import tune_allocator  # noqa: E402
 from certonnx.bounds.rules.linear import FOLD_TAPS, conv_input_grad  # noqa: E402
 from tools.bench.common import write_section  # noqa: E402
 
@@ -52,26 +53,27 @@ def _time(f: Callable[[], torch.Tensor], repeat: int) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
+def _measure(label: str, n: int, cin: int, cout: int, h: int, k: int, s: int, p: int, repeat: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(cout, cin, k, k, generator=g)
+    ho = (h + 2 * p - k) // s + 1
+    A = torch.randn(n, cout, ho, ho, generator=g)
+    in_shape = (cin, h, h)
+    out_pad = h - ((ho - 1) * s - 2 * p + k)
+    ref = nn_grad.conv2d_input((n, *in_shape), w, A, (s, s), (p, p))
+    got = conv_input_grad(in_shape, w, A, (s, s), (p, p), (1, 1), 1)
+    t_ref = _time(lambda: nn_grad.conv2d_input((n, *in_shape), w, A, (s, s), (p, p)), repeat)
+    t_tr = _time(lambda: F.conv_transpose2d(A, w, None, s, p, out_pad), repeat)
+    t_new = _time(lambda: conv_input_grad(in_shape, w, A, (s, s), (p, p), (1, 1), 1), repeat)
+    print(f"{label}: {t_ref:.3f} s -> {t_new:.3f} s ({t_ref / t_new:.2f}x)", file=sys.stderr, flush=True)
+    return {"label": label, "rows": n, "shape": f"{cin}→{cout}, {h}×{h}, k{k} s{s}",
+            "path": "matmul + fold" if cin * k * k <= FOLD_TAPS else "channels-last",
+            "autograd": t_ref, "conv_t": t_tr, "certonnx": t_new,
+            "rel": float((got - ref).abs().max() / ref.abs().max())}
+
+
 def run(repeat: int) -> list[dict]:
-    rows = []
-    for label, n, cin, cout, h, k, s, p in SHAPES:
-        g = torch.Generator().manual_seed(0)
-        w = torch.randn(cout, cin, k, k, generator=g)
-        ho = (h + 2 * p - k) // s + 1
-        A = torch.randn(n, cout, ho, ho, generator=g)
-        in_shape = (cin, h, h)
-        out_pad = h - ((ho - 1) * s - 2 * p + k)
-        ref = nn_grad.conv2d_input((n, *in_shape), w, A, (s, s), (p, p))
-        got = conv_input_grad(in_shape, w, A, (s, s), (p, p), (1, 1), 1)
-        t_ref = _time(lambda: nn_grad.conv2d_input((n, *in_shape), w, A, (s, s), (p, p)), repeat)
-        t_tr = _time(lambda: F.conv_transpose2d(A, w, None, s, p, out_pad), repeat)
-        t_new = _time(lambda: conv_input_grad(in_shape, w, A, (s, s), (p, p), (1, 1), 1), repeat)
-        rows.append({"label": label, "rows": n, "shape": f"{cin}→{cout}, {h}×{h}, k{k} s{s}",
-                     "path": "matmul + fold" if cin * k * k <= FOLD_TAPS else "channels-last",
-                     "autograd": t_ref, "conv_t": t_tr, "certonnx": t_new,
-                     "maxdiff": float((got - ref).abs().max()), "rel": float((got - ref).abs().max() / ref.abs().max())})
-        print(f"{label}: {t_ref:.3f} s -> {t_new:.3f} s ({t_ref / t_new:.2f}x)", file=sys.stderr, flush=True)
-    return rows
+    return [_measure(*shape, repeat=repeat) for shape in SHAPES]
 
 
 def to_markdown(rows: list[dict], repeat: int) -> str:
@@ -98,6 +100,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    tune_allocator()  # as the certonnx command runs
     body = to_markdown(run(a.repeat), a.repeat)
     print(body)
     if not a.no_write:

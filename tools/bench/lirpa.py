@@ -9,7 +9,9 @@ torch 2.8.0, onnx, onnx2torch, numpy and auto_LiRPA's few pure-Python dependenci
 auto_LiRPA itself with ``--no-deps`` from ``--lirpa-src``, a clone of its git repository or a
 pip-installable URL). Each net is exported once to ONNX; both engines import that file with
 onnx2torch. certonnx runs in this process; auto_LiRPA in ``tools/bench/lirpa_worker.py`` under
-the reference venv's Python. Both use 1 thread; each method is timed after an untimed warm-up,
+the reference venv's Python. Both use 1 thread and the same glibc allocator settings (freed
+memory kept for reuse, :mod:`certonnx.allocator`, as the ``certonnx`` command runs; the worker
+gets them through glibc's ``MALLOC_*`` variables); each method is timed after an untimed warm-up,
 best of up to 5 calls while they take under 1 s together (one call for the slow ones).
 
 certonnx's bounds are sound for float32 execution (they carry rounding terms, docs/bounds.md);
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -41,6 +44,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from certonnx.allocator import ENV as ALLOCATOR_ENV  # noqa: E402
+from certonnx.allocator import tune_allocator  # noqa: E402
 from tools.bench.common import write_section  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures"
@@ -159,6 +164,7 @@ def main() -> None:
     if args.reference_python is None or not args.reference_python.exists():
         ap.error("--reference-python PATH is required (create one with --build-reference VENV)")
     torch.set_num_threads(1)
+    tune_allocator()
     import certonnx
     from certonnx.bounds import margin_matrix
 
@@ -180,7 +186,8 @@ def main() -> None:
                     res = subprocess.run([str(args.reference_python), str(WORKER), "--onnx", str(net.path),
                                           "--inputs", str(tmp / "in.npz"), "--methods", method, "--alpha-steps",
                                           str(args.alpha_steps), "--out", str(tmp / "ref.json")],
-                                         capture_output=True, text=True, timeout=args.ref_timeout)
+                                         capture_output=True, text=True, timeout=args.ref_timeout,
+                                         env={**os.environ, **ALLOCATOR_ENV})
                 except subprocess.TimeoutExpired:
                     # certonnx is still measured; the row says auto_LiRPA did not finish
                     ref["methods"][method] = {"error": f"did not finish within {args.ref_timeout:g} s"}
@@ -225,7 +232,8 @@ def _write(args: argparse.Namespace, rows: list[str], only: set[str] | None, ref
         "`python tools/bench/lirpa.py --build-reference .bench-lirpa --lirpa-src AUTO_LIRPA_CLONE` once, then "
         f"`python tools/bench/lirpa.py --reference-python .bench-lirpa/bin/python --n {args.n} --alpha-steps "
         f"{args.alpha_steps}`: certonnx (torch {torch.__version__}) and auto_LiRPA {ref_version} (its git "
-        "repository, torch 2.8.0, a second venv), 1 thread each, CPU, the same ONNX files imported with onnx2torch, the same images "
+        "repository, torch 2.8.0, a second venv), 1 thread each, the same glibc allocator settings (freed memory "
+        "kept for reuse: certonnx/allocator.py), CPU, the same ONNX files imported with onnx2torch, the same images "
         "(the first of the bundled MNIST sample), L∞ ball clipped to [0, 1], margin specification rows. Time: "
         "after a warm-up, best of up to 5 calls within 1 s, lower bounds only. certonnx's bounds are sound for float32 execution "
         "(rounding terms); `exact` is certonnx without them, the like-for-like comparison with auto_LiRPA. "

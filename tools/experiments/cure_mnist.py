@@ -105,6 +105,9 @@ def cmd_run(a: argparse.Namespace) -> None:
     from certonnx.train.archs import build_model
 
     torch.set_num_threads(a.threads)
+    from certonnx.allocator import tune_allocator
+
+    tune_allocator()  # as the certonnx command runs
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     x, y, _ = load_npz(a.data, "train", a.n_train)

@@ -148,6 +148,12 @@ class MaxPoolRule(Rule):
         w = F.unfold(tp.reshape(N * C, 1, *tp.shape[2:]), k, dilation=d, stride=s)
         return w.reshape(N, C, k[0] * k[1], -1)
 
+    def _tiles(self) -> bool:
+        """Whether the windows tile the input (kernel = stride, no padding or dilation): each
+        element lies in at most one window, and the CROWN step's fold is a transpose."""
+        k, s, p, d, _ = self._params()
+        return s == k and d == (1, 1) and p == (0, 0)
+
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],
                  alpha: torch.Tensor | None = None) -> BackwardResult:
         itv: Interval = vals[0]
@@ -164,10 +170,22 @@ class MaxPoolRule(Rule):
         H, W = self.in_shapes[0][1:]
         Hp, Wp = H + 2 * p[0], W + 2 * p[1]
 
-        def to_input(A: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-            # A: (B, S, C, Ho, Wo); coef: (B, C, kk, L) -> (B, S, C, H, W)
+        tiles = self._tiles()
+
+        def to_input(A: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+            # A: (B, S, C, Ho, Wo); first / second: (B, C, kk, L), the window coefficients of
+            # A's non-negative / negative entries -> (B, S, C, H, W)
             Bn, S = A.shape[:2]
-            Aw = A.reshape(Bn, S, C, 1, -1) * coef.unsqueeze(1)  # (B, S, C, kk, L)
+            Ar = A.reshape(Bn, S, C, 1, -1)
+            # one product per entry is non-zero, so the sum is exact (a select is slower on CPU)
+            Aw = Ar.clamp(min=0) * first.unsqueeze(1) + Ar.clamp(max=0) * second.unsqueeze(1)  # (B, S, C, kk, L)
+            if tiles:
+                # windows tile the input: the fold is a transpose (each element in one window;
+                # rows and columns past the last window get 0)
+                ho, wo = A.shape[-2:]
+                img = Aw.reshape(Bn, S, C, k[0], k[1], ho, wo).permute(0, 1, 2, 5, 3, 6, 4)
+                img = img.reshape(Bn, S, C, ho * k[0], wo * k[1])
+                return img if (ho * k[0], wo * k[1]) == (H, W) else F.pad(img, (0, W - wo * k[1], 0, H - ho * k[0]))
             cols = Aw.reshape(Bn * S * C, kk, -1)
             img = F.fold(cols, (Hp, Wp), k, dilation=d, stride=s)  # sums overlapping windows
             img = img.reshape(Bn, S, C, Hp, Wp)
@@ -179,13 +197,11 @@ class MaxPoolRule(Rule):
         up_coef = sel * dominant.unsqueeze(2)
         up_const = torch.where(dominant, torch.zeros_like(umax), umax)  # (B, C, L)
         if lA is not None:
-            pos, neg = lA.clamp(min=0), lA.clamp(max=0)
-            nl = to_input(pos, sel) + to_input(neg, up_coef)
-            bl = (neg.reshape(*neg.shape[:3], -1) * up_const.unsqueeze(1)).flatten(2).sum(2)
+            nl = to_input(lA, sel, up_coef)
+            bl = (lA.clamp(max=0).reshape(*lA.shape[:3], -1) * up_const.unsqueeze(1)).flatten(2).sum(2)
         if uA is not None:
-            pos, neg = uA.clamp(min=0), uA.clamp(max=0)
-            nu = to_input(pos, up_coef) + to_input(neg, sel)
-            bu = (pos.reshape(*pos.shape[:3], -1) * up_const.unsqueeze(1)).flatten(2).sum(2)
+            nu = to_input(uA, up_coef, sel)
+            bu = (uA.clamp(min=0).reshape(*uA.shape[:3], -1) * up_const.unsqueeze(1)).flatten(2).sum(2)
         if window_multiplicity(k, s, d) > 1:
             # overlapping windows: the fold sums coefficients, erring by γ·Σ|A|·(window max |x|)
             mag = self.call_with(vals, {0: itv.center.abs() + itv.radius}) * self.gamma + self.tiny
