@@ -58,3 +58,36 @@ def test_conv_avgpool_net_bounds_are_sound() -> None:
     for method in ("ibp", "crown", "alpha-crown"):
         lb, ub = bm.compute(inset, C, method)
         assert_sound(net, C, inset, lb, ub, n_samples=4000, label=f"avgpool/{method}")
+
+
+@pytest.mark.parametrize("pool,stops", [(nn.AvgPool2d(2), True), (nn.AvgPool2d(3), True),
+                                        (nn.AvgPool2d(3, stride=2), False), (nn.AvgPool2d(2, padding=1), False)])
+def test_ibp_elision_stops_at_a_tiling_pool(pool: nn.Module, stops: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """IBP's elision stops at a tiling pool: in exact arithmetic the bound is the one of
+    pulling through the pool (|a·P| = |a|·P), with its rounding terms it is no looser, and
+    it is sound against sampling + PGD; overlapping or padded pools are pulled through."""
+    from certonnx.bounds import margin_matrix
+    from certonnx.bounds.rounding import exact_arithmetic
+
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(1, 5, 3), nn.ReLU(), pool, nn.Flatten()).eval()
+    n_out = net(torch.zeros(1, 1, 15, 15)).shape[1]
+    net = nn.Sequential(*net, nn.Linear(n_out, 6)).eval()
+    x = torch.rand(3, 1, 15, 15)
+    C = margin_matrix(torch.tensor([0, 2, 5]), 6)
+    s = InputSet(x, 0.05, norm="linf", domain=(0.0, 1.0))
+    bm = BoundedModule(net, (1, 15, 15))
+    rule = next(r for r in bm.rules.values() if isinstance(r, AvgPoolRule))
+    with torch.no_grad():
+        lb, ub = bm.compute(s, C=C, method="ibp")
+        assert rule.ibp_stop() is stops  # the shapes are known after the first pass
+        with exact_arithmetic():
+            lb_x, ub_x = bm.compute(s, C=C, method="ibp")
+        monkeypatch.setattr(AvgPoolRule, "ibp_stop", lambda self: False)
+        lb_t, ub_t = bm.compute(s, C=C, method="ibp")
+        with exact_arithmetic():
+            lb_tx, ub_tx = bm.compute(s, C=C, method="ibp")
+    assert ub is not None and ub_t is not None and ub_x is not None and ub_tx is not None
+    assert torch.allclose(lb_x, lb_tx, atol=1e-5) and torch.allclose(ub_x, ub_tx, atol=1e-5)
+    assert bool((lb >= lb_t - 1e-6).all()) and bool((ub <= ub_t + 1e-6).all())
+    assert_sound(net, C, s, lb, ub, label=f"ibp through {pool}")

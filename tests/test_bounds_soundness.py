@@ -229,19 +229,28 @@ def test_batchnorm_folding_matches_unfolded_ibp(arch: str) -> None:
             mod.bias.data.uniform_(-0.2, 0.2)
     model.eval()
     bm = BoundedModule(model, shape)
-    x = torch.rand(3, *shape)
+    # a batch whose intervals outweigh the layers' weights: folding pays for every pair
+    x = torch.rand(64, *shape)
     inset = InputSet(x, 0.05)
     lb, ub = bm.compute(inset, None, "ibp")
-    lb, ub = bm.compute(inset, None, "ibp")  # second call: folded (shapes known), cached weights
+    lb, ub = bm.compute(inset, None, "ibp")  # second call: folded (shapes known)
     ctx = bm.ibp_pass(inset)
     folded = [n for n in bm._bn_pairs if not isinstance(ctx.values[n], Interval)]
     assert len(folded) == {"conv-bn": 2, "matmul-bn": 1, "linear3d-bn": 0}[arch]
+    if arch == "conv-bn":
+        # one sample: the 64 x 8 Linear's weights outweigh its 8 outputs, so its BatchNorm is
+        # not folded (the conv's still is); the bounds are the same
+        one = InputSet(x[:1], 0.05)
+        ctx1 = bm.ibp_pass(one)
+        assert len([n for n in bm._bn_pairs if not isinstance(ctx1.values[n], Interval)]) == 1
+        l1, u1 = bm.compute(one, None, "ibp")
+        assert torch.allclose(l1, lb[:1], atol=1e-5) and torch.allclose(u1, ub[:1], atol=1e-5)
     ref = BoundedModule(model, shape)
     ref._bn_pairs = {}
     lr, ur = ref.compute(inset, None, "ibp")
     assert torch.allclose(lb, lr, atol=1e-5) and torch.allclose(ub, ur, atol=1e-5)
     K = 5
-    assert_sound(model, torch.eye(K).expand(3, K, K), inset, lb, ub, n_samples=5000, label=f"bn-fold/{arch}")
+    assert_sound(model, torch.eye(K).expand(64, K, K), inset, lb, ub, n_samples=5000, label=f"bn-fold/{arch}")
     # a weight update must invalidate the cached folded weights
     with torch.no_grad():
         (model.w if arch == "matmul-bn" else model[0].weight).mul_(0.5)

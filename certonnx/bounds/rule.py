@@ -145,6 +145,13 @@ class Rule:
         """
         raise NotImplementedError
 
+    def ibp_stop(self) -> bool:
+        """Whether IBP's elision of the affine tail (``C`` pulled back from the output) stops
+        at this node and takes its interval. Always for a relaxed op; an affine op may stop
+        too where its interval gives the same bound as pulling through it (then the pull-back
+        is work for nothing), e.g. pooling whose windows tile the input."""
+        return not self.affine
+
     def alpha_init(self, l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """α-CROWN's starting variables for input bounds ``(B, *shape)``, only for rules with
         ``alpha_slopes > 0`` (see ``ActivationRule.alpha_init``)."""

@@ -153,6 +153,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32, help="images per MLP (conv nets use fewer, see the table)")
     ap.add_argument("--alpha-steps", type=int, default=20)
     ap.add_argument("--nets", default=None, help="comma-separated subset of the net names")
+    ap.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
+                    help="glibc allocator settings of both engines' processes: 'tuned' (freed memory kept for "
+                         "reuse, as the certonnx command runs; certonnx/allocator.py) or glibc's defaults")
     ap.add_argument("--ref-timeout", type=float, default=3600.0,
                     help="seconds for auto_LiRPA on one method of one net; past it that row says so")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
@@ -164,7 +167,8 @@ def main() -> None:
     if args.reference_python is None or not args.reference_python.exists():
         ap.error("--reference-python PATH is required (create one with --build-reference VENV)")
     torch.set_num_threads(1)
-    tune_allocator()
+    if args.allocator == "tuned":
+        tune_allocator()
     import certonnx
     from certonnx.bounds import margin_matrix
 
@@ -187,7 +191,7 @@ def main() -> None:
                                           "--inputs", str(tmp / "in.npz"), "--methods", method, "--alpha-steps",
                                           str(args.alpha_steps), "--out", str(tmp / "ref.json")],
                                          capture_output=True, text=True, timeout=args.ref_timeout,
-                                         env={**os.environ, **ALLOCATOR_ENV})
+                                         env={**os.environ, **(ALLOCATOR_ENV if args.allocator == "tuned" else {})})
                 except subprocess.TimeoutExpired:
                     # certonnx is still measured; the row says auto_LiRPA did not finish
                     ref["methods"][method] = {"error": f"did not finish within {args.ref_timeout:g} s"}
@@ -232,8 +236,10 @@ def _write(args: argparse.Namespace, rows: list[str], only: set[str] | None, ref
         "`python tools/bench/lirpa.py --build-reference .bench-lirpa --lirpa-src AUTO_LIRPA_CLONE` once, then "
         f"`python tools/bench/lirpa.py --reference-python .bench-lirpa/bin/python --n {args.n} --alpha-steps "
         f"{args.alpha_steps}`: certonnx (torch {torch.__version__}) and auto_LiRPA {ref_version} (its git "
-        "repository, torch 2.8.0, a second venv), 1 thread each, the same glibc allocator settings (freed memory "
-        "kept for reuse: certonnx/allocator.py), CPU, the same ONNX files imported with onnx2torch, the same images "
+        "repository, torch 2.8.0, a second venv), 1 thread each, the same glibc allocator settings ("
+        + ("freed memory kept for reuse, `--allocator tuned`: certonnx/allocator.py" if args.allocator == "tuned"
+           else "glibc's defaults, `--allocator default`")
+        + "), CPU, the same ONNX files imported with onnx2torch, the same images "
         "(the first of the bundled MNIST sample), L∞ ball clipped to [0, 1], margin specification rows. Time: "
         "after a warm-up, best of up to 5 calls within 1 s, lower bounds only. certonnx's bounds are sound for float32 execution "
         "(rounding terms); `exact` is certonnx without them, the like-for-like comparison with auto_LiRPA. "

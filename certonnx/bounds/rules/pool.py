@@ -58,9 +58,16 @@ class AvgPoolRule(MonotoneLinearRule):
         if not isinstance(m, nn.AvgPool2d) or m.divisor_override is not None or m.ceil_mode:
             return None
         k, st, pad = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size), _pair(m.padding)
-        if k != st or pad != (0, 0) or len(self.in_shapes[0]) != 3:
+        if k != st or pad != (0, 0) or not self.in_shapes or len(self.in_shapes[0]) != 3:
             return None
         return k
+
+    def ibp_stop(self) -> bool:
+        """Tiling windows: every input element is in at most one window, with weight 1/k ≥ 0,
+        so for any coefficients ``a`` on the outputs ``|a·P| = |a|·P`` elementwise and the
+        interval of the pooled output gives exactly the bound of pulling ``a`` through the
+        pool (centre ``a·P·c``, radius ``|a|·P·r``): IBP's elision stops here."""
+        return self._tiles() is not None
 
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],
                  alpha: torch.Tensor | None = None) -> BackwardResult:
