@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32, help="images per MLP (conv nets use fewer, see the table)")
     ap.add_argument("--alpha-steps", type=int, default=20)
     ap.add_argument("--nets", default=None, help="comma-separated subset of the net names")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of ibp,crown,alpha-crown")
     ap.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
                     help="glibc allocator settings of both engines' processes: 'tuned' (freed memory kept for "
                          "reuse, as the certonnx command runs; certonnx/allocator.py) or glibc's defaults")
@@ -173,19 +174,23 @@ def main() -> None:
     from certonnx.bounds import margin_matrix
 
     only = set(args.nets.split(",")) if args.nets else None
+    wanted = set(args.methods.split(",")) if args.methods else None
     done: set[str] = set()
     rows: list[str] = []
     ref_version = "?"
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         for net in nets(tmp, args.n, only):
+            methods = tuple(m for m in net.methods if wanted is None or m in wanted)
+            if not methods:
+                continue
             model = certonnx.load(net.path)
             x, y = _inputs(model, net.n)
             C = margin_matrix(y, 10)
             lo, hi = (x - net.eps).clamp(0, 1), (x + net.eps).clamp(0, 1)
             np.savez(tmp / "in.npz", x=x.numpy(), lo=lo.numpy(), hi=hi.numpy(), C=C.numpy())
             ref: dict = {"methods": {}}
-            for method in net.methods:  # one worker per method, so a time-out costs only that row
+            for method in methods:  # one worker per method, so a time-out costs only that row
                 try:
                     res = subprocess.run([str(args.reference_python), str(WORKER), "--onnx", str(net.path),
                                           "--inputs", str(tmp / "in.npz"), "--methods", method, "--alpha-steps",
@@ -202,7 +207,7 @@ def main() -> None:
                 one = json.loads((tmp / "ref.json").read_text())
                 ref["methods"].update(one["methods"])
                 ref_version = one["version"]
-            for method in net.methods:
+            for method in methods:
                 lb_s, t_s = _ours(model, x, C, net.eps, method, args.alpha_steps, exact=False)
                 lb_e, t_e = _ours(model, x, C, net.eps, method, args.alpha_steps, exact=True)
                 r = ref["methods"][method]
@@ -221,16 +226,17 @@ def main() -> None:
                     f"{int((lb_r.amin(1) > 0).sum())} | exact-mode time {t_e / r['seconds']:.2f}× |")
                 print(rows[-1], flush=True)
             done.add(net.name)
-            if only is None:  # a full run keeps what it measured if it is stopped: write after each net
+            if only is None and wanted is None:  # a full run keeps what it measured if stopped: write per net
                 _write(args, rows, done, ref_version, progress=done)
-    print(_write(args, rows, only, ref_version))
+    # a --nets / --methods rerun merges its (net, method) rows into the section
+    print(_write(args, rows, only if wanted is None else (only or done), ref_version))
 
 
 def _write(args: argparse.Namespace, rows: list[str], only: set[str] | None, ref_version: str,
            progress: set[str] | None = None) -> str:
     """The section's text for ``rows`` and, unless ``--no-write``, docs/benchmarks.md updated:
-    with ``only``, the rows of those nets replace theirs in the section already there (the
-    rest are kept); ``progress``: the nets a full run, still going or stopped, has measured
+    with ``only``, the (net, method) rows measured replace theirs in the section already
+    there (the rest are kept); ``progress``: the nets a full run, still going or stopped, has measured
     (the section says which rows are from an earlier run)."""
     body = (
         "`python tools/bench/lirpa.py --build-reference .bench-lirpa --lirpa-src AUTO_LIRPA_CLONE` once, then "
@@ -254,30 +260,27 @@ def _write(args: argparse.Namespace, rows: list[str], only: set[str] | None, ref
     if only is not None and args.out.exists():
         head = body[: body.index("|---|")]
         rule = body[body.index("|---|"):].split("\n")[0]
-        body = head + rule + "\n" + "\n".join(_merge_rows(args.out.read_text(), rows, only))
+        body = head + rule + "\n" + "\n".join(_merge_rows(args.out.read_text(), rows))
     if not args.no_write:
         write_section(args.out, "Side by side with auto_LiRPA", body)
     return body
 
 
-def _merge_rows(doc: str, new: list[str], rerun: set[str]) -> list[str]:
-    """A ``--nets`` rerun replaces only those nets' rows of the section already in ``doc``,
-    keeping the others (measured by an earlier full run) in their order."""
+def _merge_rows(doc: str, new: list[str]) -> list[str]:
+    """A ``--nets`` / ``--methods`` rerun replaces only the (net, method) rows it measured in
+    the section already in ``doc``, keeping the others (from an earlier run) in their order."""
     sec = doc.split("## Side by side with auto_LiRPA", 1)
     if len(sec) < 2:
         return new
+
+    def key(row: str) -> tuple[str, str]:
+        cells = row.split("|")
+        return cells[1].strip(), cells[3].strip()
+
     old = [ln for ln in sec[1].split("\n## ")[0].splitlines() if ln.startswith("| ") and not ln.startswith("| net ")]
-    out: list[str] = []
-    placed: set[str] = set()
-    for ln in old:
-        net = ln.split("|")[1].strip()
-        if net in rerun:
-            if net not in placed:
-                out += [r for r in new if r.split("|")[1].strip() == net]
-                placed.add(net)
-            continue
-        out.append(ln)
-    return out + [r for r in new if r not in out]
+    fresh = {key(r): r for r in new}
+    out = [fresh.pop(key(ln)) if key(ln) in fresh else ln for ln in old]
+    return out + [r for r in new if key(r) in fresh]
 
 
 if __name__ == "__main__":
