@@ -99,6 +99,9 @@ def main() -> int:
     ap.add_argument("--no-docs", action="store_true", help="Do not touch docs/benchmarks.md.")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    from certonnx.allocator import tune_allocator
+
+    tune_allocator()  # as the certonnx command runs
     log = Path(a.csv)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:

@@ -301,7 +301,8 @@ def conv_input_grad(in_shape: Sequence[int], w: torch.Tensor, A: torch.Tensor, s
     pass pulls back tens of thousands of rows at once (measured, tools/bench/conv_backward.py):
     a kernel with few taps (C_in·k ≤ :data:`FOLD_TAPS`) as ``Wᵀ·A`` and a fold (2–7×: the
     transposed convolution spends its time on a single output channel), any other 2-D one as
-    a transposed convolution in channels-last layout (1.1–3×). Elsewhere (CUDA, 1-D, 3-D,
+    a transposed convolution in channels-last layout (1.1–3× with glibc's default
+    allocator, about 1× once :mod:`certonnx.allocator` has tuned it). Elsewhere (CUDA, 1-D, 3-D,
     groups) autograd's own convolution backward."""
     nd = w.ndim - 2
     if A.device.type != "cpu" or nd != 2 or groups != 1:
