@@ -23,11 +23,16 @@ M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_MAX = -4
 
+# the values: no mmap at all; trim only above 2**31 - 1 bytes free (mallopt takes an int);
+# 64 MiB of top padding
+MMAP_MAX, TRIM_THRESHOLD, TOP_PAD = 0, 2**31 - 1, 64 << 20
+
 _done: bool | None = None
 
 # the same settings for a child process (glibc reads them at start): what the benchmarks give
 # the auto_LiRPA worker, so that both engines run under one allocator policy
-ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1), "MALLOC_TOP_PAD_": str(64 << 20)}
+ENV = {"MALLOC_MMAP_MAX_": str(MMAP_MAX), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD),
+       "MALLOC_TOP_PAD_": str(TOP_PAD)}
 
 
 def tune_allocator() -> bool:
@@ -48,10 +53,9 @@ def tune_allocator() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok = mallopt(M_MMAP_MAX, 0) == 1
-    # the threshold is an int here; 2**31 - 1 bytes is as large as mallopt takes
-    ok = mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
-    ok = mallopt(M_TOP_PAD, 64 << 20) == 1 and ok
+    ok = mallopt(M_MMAP_MAX, MMAP_MAX) == 1
+    ok = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+    ok = mallopt(M_TOP_PAD, TOP_PAD) == 1 and ok
     _done = ok
     return ok
 

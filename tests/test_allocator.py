@@ -36,11 +36,3 @@ def test_command_applies_it() -> None:
     code = ("from certonnx.cli import main; from certonnx import allocator; "
             "main(['--version']); print(allocator.tuned())")
     assert _run(code).splitlines()[-1] == "True"
-
-
-def test_env_matches_in_process_settings() -> None:
-    """The child-process form (glibc's MALLOC_* variables) names the same three settings."""
-    from certonnx import allocator
-
-    assert set(allocator.ENV) == {"MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"}
-    assert allocator.ENV["MALLOC_MMAP_MAX_"] == "0"

@@ -91,3 +91,28 @@ def test_ibp_elision_stops_at_a_tiling_pool(pool: nn.Module, stops: bool, monkey
     assert torch.allclose(lb_x, lb_tx, atol=1e-5) and torch.allclose(ub_x, ub_tx, atol=1e-5)
     assert bool((lb >= lb_t - 1e-6).all()) and bool((ub <= ub_t + 1e-6).all())
     assert_sound(net, C, s, lb, ub, label=f"ibp through {pool}")
+
+
+def test_ibp_elision_goes_through_a_pool_fed_by_an_affine_layer() -> None:
+    """Conv → AvgPool → Linear: stopping at the pool would drop the pull-back of the composite
+    conv·pool·linear map onto the input box (looser, not unsound); the elision goes through it,
+    so the bound equals the one with the pool's stop switched off."""
+    from certonnx.bounds import margin_matrix
+
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+    x = torch.rand(2, 1, 14, 14)
+    C = margin_matrix(torch.tensor([1, 3]), 5)
+    s = InputSet(x, 0.05, norm="linf", domain=(0.0, 1.0))
+    bm = BoundedModule(net, (1, 14, 14))
+    with torch.no_grad():
+        lb, ub = bm.compute(s, C=C, method="ibp")
+        pool = next(n for n, r in bm.rules.items() if isinstance(r, AvgPoolRule))
+        assert bm.rules[pool].ibp_stop() and not bm._is_stop_for_ibp(pool)
+        ref = BoundedModule(net, (1, 14, 14))
+        ref.compute(s, C=C, method="ibp")
+        ref_pool = next(r for r in ref.rules.values() if isinstance(r, AvgPoolRule))
+        ref_pool.ibp_stop = lambda: False  # type: ignore[method-assign]
+        lb_r, ub_r = ref.compute(s, C=C, method="ibp")
+    assert torch.equal(lb, lb_r) and ub is not None and ub_r is not None and torch.equal(ub, ub_r)
+    assert_sound(net, C, s, lb, ub, label="ibp conv-avgpool-linear")

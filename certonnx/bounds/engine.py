@@ -654,8 +654,18 @@ class BoundedModule:
         return bool(users) and all(self.rules[u].alpha_capable for u in users)
 
     def _is_stop_for_ibp(self, node: fx.Node) -> bool:
+        """IBP's elision stops at every relaxed op, and at an affine op whose rule says its
+        interval loses nothing (``Rule.ibp_stop``) when its own inputs are relaxed ops too: a
+        pool fed by an affine layer would otherwise cut the composite map's pull-back short."""
         r = self.rules.get(node)
-        return r is not None and r.ibp_stop()
+        if r is None:
+            return False
+        if not r.affine:
+            return True
+        if not r.ibp_stop():
+            return False
+        ins = [r.leaves[i] for i in r.pert]
+        return all(isinstance(v, fx.Node) and (q := self.rules.get(v)) is not None and not q.affine for v in ins)
 
     # -- public API --------------------------------------------------------------------------
     def pass_cost(self, inset: InputSet, method: str, spec: int, alpha_steps: int = 20) -> float:

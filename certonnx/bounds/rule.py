@@ -146,10 +146,12 @@ class Rule:
         raise NotImplementedError
 
     def ibp_stop(self) -> bool:
-        """Whether IBP's elision of the affine tail (``C`` pulled back from the output) stops
-        at this node and takes its interval. Always for a relaxed op; an affine op may stop
-        too where its interval gives the same bound as pulling through it (then the pull-back
-        is work for nothing), e.g. pooling whose windows tile the input."""
+        """Whether IBP's elision of the affine tail (``C`` pulled back from the output) may stop
+        at this node and take its interval. Always for a relaxed op; an affine op may say so
+        where its interval gives the same bound as pulling through it onto its input's interval
+        (the pull-back is then work for nothing), e.g. pooling whose windows tile the input;
+        the engine stops there only when that input is itself read by its interval (a relaxed
+        op), see ``BoundedModule._is_stop_for_ibp``."""
         return not self.affine
 
     def alpha_init(self, l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
