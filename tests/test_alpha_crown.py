@@ -141,3 +141,95 @@ def test_per_sample_rows_give_the_bound_of_the_batch_union(monkeypatch: pytest.M
     assert torch.allclose(per_sample, union, atol=1e-5, rtol=1e-5), (per_sample - union).abs().max()
     la, ua = BoundedModule(net, (6,)).compute(inset, C, "alpha-crown", alpha_steps=8)
     assert_sound(net, C, inset, la, ua, n_samples=6000, label="alpha/per-sample")
+
+
+def _pool_net(seed: int, shift: float = 0.0) -> nn.Sequential:
+    """Conv → (shifted) ReLU → tiling 2×2 MaxPool → Linear: α-CROWN frees the pool's lower
+    lines (convex combinations of each window). ``shift`` < 0 moves the pooled values below 0,
+    where a weight sum off 1 would overclaim."""
+    torch.manual_seed(seed)
+
+    class Shift(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + shift
+
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), Shift(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(3 * 3 * 3, 4)).eval()
+
+
+@pytest.mark.parametrize("norm,eps,shift", [("linf", 0.4, 0.0), ("linf", 0.4, -5.0), ("l2", 0.6, -5.0)])
+def test_maxpool_alpha_sound_and_never_looser(norm: str, eps: float, shift: float) -> None:
+    net = _pool_net(1, shift)
+    x = torch.rand(3, 1, 8, 8)
+    C = margin_matrix(net(x).argmax(1), 4)
+    bm = BoundedModule(net, (1, 8, 8))
+    from certonnx.bounds.rules.pool import MaxPoolRule
+
+    assert any(isinstance(r, MaxPoolRule) and r.has_alpha() for r in bm.rules.values())
+    inset = InputSet(x, eps, norm)
+    with torch.no_grad():
+        lc, uc = bm.compute(inset, C, "crown")
+        la, ua = bm.compute(inset, C, "alpha-crown", alpha_steps=30)
+    assert (la >= lc).all() and (ua <= uc).all()
+    assert (la > lc + 1e-4).any(), "the pool's free lower lines should pay somewhere"
+    assert_sound(net, C, inset, la, ua, n_samples=8000, label=f"maxpool alpha/{norm}/{shift}")
+
+
+def test_maxpool_alpha_lines_are_convex_combinations() -> None:
+    # λ = α / Σα per window; all-zero windows take CROWN's element; the allowance covers the
+    # float32 sum's distance from 1 times the window's largest |x|
+    from certonnx.bounds.rounding import U32
+    from certonnx.bounds.rules.pool import MaxPoolRule
+
+    net = nn.Sequential(nn.MaxPool2d(2), nn.Flatten())
+    bm = BoundedModule(net, (1, 4, 4))
+    bm.compute(InputSet(torch.rand(1, 1, 4, 4), 0.1), torch.eye(4).unsqueeze(0), "ibp")  # sizes the rounding
+    rule = next(r for r in bm.rules.values() if isinstance(r, MaxPoolRule))
+    assert rule.gamma >= 2 * U32
+    lo = -torch.rand(1, 1, 4, 4) * 3 - 1
+    hi = lo + 0.5
+    a = torch.rand(1, 2, 1, 4, 4)
+    a[:, 1, :, :2, :2] = 0.0  # one window with every variable at 0
+    sel = torch.zeros_like(rule._windows(lo)).scatter_(2, rule._windows(lo).argmax(2, keepdim=True), 1.0)
+    lam, slack = rule._alpha_lines(a, sel, rule._windows(lo), rule._windows(hi))
+    assert (lam >= 0).all()
+    assert torch.allclose(lam.sum(3), torch.ones(1, 2, 1, 4), atol=1e-6)
+    assert torch.equal(lam[0, 1, 0, :, 0], sel[0, 0, :, 0])
+    assert (slack > 0).all() and (slack < 1e-4).all()
+    # back and forth between windows and the input layout
+    assert torch.equal(rule._from_windows(rule._to_windows(a), (4, 4)), a)
+
+
+def test_maxpool_alpha_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the same α-CROWN with the pool's lines frozen at CROWN's element is clearly looser
+    from certonnx.bounds.rules.pool import MaxPoolRule
+
+    net = _pool_net(1)
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 8, 8)
+    C = margin_matrix(net(x).argmax(1), 4)
+    inset = InputSet(x, 0.4, "linf")
+    with torch.no_grad():
+        free, _ = BoundedModule(net, (1, 8, 8)).compute(inset, C, "alpha-crown", alpha_steps=30, upper=False)
+        monkeypatch.setattr(MaxPoolRule, "has_alpha", lambda self: False)
+        frozen, _ = BoundedModule(net, (1, 8, 8)).compute(inset, C, "alpha-crown", alpha_steps=30, upper=False)
+    assert (free.mean() - frozen.mean()) > 0.05, (float(free.mean()), float(frozen.mean()))
+
+
+def test_maxpool_alpha_projection_onto_the_simplex() -> None:
+    # each window's variables become the nearest point of the simplex (checked against the
+    # closed form for a window whose mass is spread: v − θ with θ = (Σv − 1)/k)
+    from certonnx.bounds.rules.pool import MaxPoolRule
+
+    bm = BoundedModule(nn.Sequential(nn.MaxPool2d(2)), (1, 4, 4))
+    rule = next(r for r in bm.rules.values() if isinstance(r, MaxPoolRule))
+    torch.manual_seed(0)
+    a = torch.rand(2, 3, 1, 4, 4)
+    a[0, 0, 0, :2, :2] = torch.tensor([[0.6, 0.5], [0.55, 0.45]])
+    rule.alpha_project(a)
+    w = rule._to_windows(a)
+    assert (w >= 0).all() and torch.allclose(w.sum(3), torch.ones_like(w.sum(3)), atol=1e-6)
+    assert torch.allclose(w[0, 0, 0, :, 0], torch.tensor([0.6, 0.5, 0.55, 0.45]) - 0.275, atol=1e-6)
+    before = a.clone()
+    rule.alpha_project(a)
+    assert torch.allclose(a, before, atol=1e-6)  # a projection: points of the simplex stay

@@ -154,6 +154,15 @@ class Rule:
         op), see ``BoundedModule._is_stop_for_ibp``."""
         return not self.affine
 
+    def has_alpha(self) -> bool:
+        """Whether this op's relaxation takes α-CROWN variables: ``alpha_slopes > 0``, unless
+        the rule supports them only for some parameters (max pooling: tiling windows)."""
+        return self.alpha_slopes > 0
+
+    def alpha_project(self, alpha: torch.Tensor) -> None:
+        """Project α-CROWN's variables (``(B, S, *shape)``, already clamped to [0, 1]) in place
+        onto the set the rule optimises over after each step; by default [0, 1] itself."""
+
     def alpha_init(self, l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """α-CROWN's starting variables for input bounds ``(B, *shape)``, only for rules with
         ``alpha_slopes > 0`` (see ``ActivationRule.alpha_init``)."""

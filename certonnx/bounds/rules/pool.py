@@ -105,10 +105,16 @@ class MaxPoolRule(Rule):
     window (its lower bound exceeds every other upper bound, so max = x_k exactly), and the
     constant ``max u`` elsewhere. Windows are formed with unfold, so overlapping windows and
     padding (by -inf) are handled, and the backward step is a fold (a scatter-add).
+
+    α-CROWN (windows that tile the input): the lower line is any convex combination of the
+    window's elements, ``max ≥ Σ λ_i x_i`` with ``λ`` on the simplex — one variable per input
+    element, ``λ = α / Σ_window α``, starting from CROWN's element (auto_LiRPA
+    ``operators/pooling.py`` optimises the same lines, projecting onto the simplex).
     """
 
     label = "MaxPool"
     affine = False
+    alpha_slopes = 1
     module_types = (nn.MaxPool2d,)
     functions = (F.max_pool2d,)
 
@@ -161,6 +167,63 @@ class MaxPoolRule(Rule):
         k, s, p, d, _ = self._params()
         return s == k and d == (1, 1) and p == (0, 0)
 
+    def has_alpha(self) -> bool:
+        """Free lower lines only where the windows tile (one variable per input element is
+        then one per window element)."""
+        return self._tiles()
+
+    def alpha_init(self, l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """1 on each window's element with the largest lower bound (CROWN's line), else 0."""
+        lw = self._windows(l)
+        sel = torch.zeros_like(lw).scatter_(2, lw.argmax(2, keepdim=True), 1.0)
+        return self._from_windows(sel.unsqueeze(1), l.shape).squeeze(1)
+
+    def alpha_project(self, alpha: torch.Tensor) -> None:
+        """Each window's variables onto the probability simplex (the Euclidean projection,
+        Duchi et al. 2008; auto_LiRPA ``project_simplex``), so that Adam's steps move the
+        convex combination itself."""
+        w = self._to_windows(alpha)
+        srt = w.sort(3, descending=True).values
+        css = srt.cumsum(3) - 1
+        j = torch.arange(1, w.shape[3] + 1, device=w.device, dtype=w.dtype).view(-1, 1)
+        rho = ((srt - css / j) > 0).to(w.dtype).mul(j).amax(3, keepdim=True).clamp(min=1)
+        theta = css.gather(3, rho.long() - 1) / rho
+        alpha.copy_(self._from_windows((w - theta).clamp(min=0), alpha.shape))
+
+    def _from_windows(self, w: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """Tiling windows ``(B, S, C, kk, L)`` back to the input ``(B, S, C, H, W)`` (a
+        transpose; elements past the last window get 0)."""
+        k = self._params()[0]
+        B, S, C = w.shape[:3]
+        H, W = shape[-2:]
+        ho, wo = H // k[0], W // k[1]
+        img = w.reshape(B, S, C, k[0], k[1], ho, wo).permute(0, 1, 2, 5, 3, 6, 4).reshape(B, S, C, ho * k[0], wo * k[1])
+        return img if (ho * k[0], wo * k[1]) == (H, W) else F.pad(img, (0, W - wo * k[1], 0, H - ho * k[0]))
+
+    def _to_windows(self, a: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`_from_windows`: ``(B, S, C, H, W)`` -> ``(B, S, C, kk, L)``."""
+        k = self._params()[0]
+        B, S, C, H, W = a.shape
+        ho, wo = H // k[0], W // k[1]
+        a = a[..., : ho * k[0], : wo * k[1]].reshape(B, S, C, ho, k[0], wo, k[1])
+        return a.permute(0, 1, 2, 4, 6, 3, 5).reshape(B, S, C, k[0] * k[1], ho * wo)
+
+    def _alpha_lines(self, alpha: torch.Tensor, sel: torch.Tensor, lw: torch.Tensor, uw: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window weights ``λ (B, S, C, kk, L)`` of α's lower lines and the allowance
+        ``(B, S, C, L)`` their float32 sum's distance from 1 costs: ``Σλx = max x + Σλ(x − max x)
+        + (Σλ − 1)·max x ≤ max x + |Σλ − 1|·max|x|``. ``|Σλ − 1|`` is the computed sum's
+        distance plus that sum's rounding (``γ_kk``) and one rounding of each product ``A·λ``
+        (``u``): ``(kk + 1)·γ`` covers both (the rule's ``γ`` is at least ``2u``). A window
+        whose variables are all 0 takes CROWN's element."""
+        a = self._to_windows(alpha)
+        tot = a.sum(3, keepdim=True)
+        lam = torch.where(tot > 1e-12, a / tot.clamp(min=1e-12), sel.unsqueeze(1))
+        kk = lam.shape[3]
+        off = (lam.detach().sum(3) - 1).abs() + (kk + 1) * self.gamma
+        mag = torch.maximum(lw.abs(), uw.abs()).amax(2).unsqueeze(1)
+        return lam, off * mag + self.tiny
+
     def backward(self, lA: AMat, uA: AMat, vals: Sequence[Value],
                  alpha: torch.Tensor | None = None) -> BackwardResult:
         itv: Interval = vals[0]
@@ -180,12 +243,14 @@ class MaxPoolRule(Rule):
         tiles = self._tiles()
 
         def to_input(A: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-            # A: (B, S, C, Ho, Wo); first / second: (B, C, kk, L), the window coefficients of
-            # A's non-negative / negative entries -> (B, S, C, H, W)
+            # A: (B, S, C, Ho, Wo); first / second: (B, C, kk, L) or per row (B, S, C, kk, L),
+            # the window coefficients of A's non-negative / negative entries -> (B, S, C, H, W)
             Bn, S = A.shape[:2]
             Ar = A.reshape(Bn, S, C, 1, -1)
+            first = first if first.ndim == 5 else first.unsqueeze(1)
+            second = second if second.ndim == 5 else second.unsqueeze(1)
             # one product per entry is non-zero, so the sum is exact (a select is slower on CPU)
-            Aw = Ar.clamp(min=0) * first.unsqueeze(1) + Ar.clamp(max=0) * second.unsqueeze(1)  # (B, S, C, kk, L)
+            Aw = Ar.clamp(min=0) * first + Ar.clamp(max=0) * second  # (B, S, C, kk, L)
             if tiles:
                 # windows tile the input: the fold is a transpose (each element in one window;
                 # rows and columns past the last window get 0)
@@ -204,8 +269,13 @@ class MaxPoolRule(Rule):
         up_coef = sel * dominant.unsqueeze(2)
         up_const = torch.where(dominant, torch.zeros_like(umax), umax)  # (B, C, L)
         if lA is not None:
-            nl = to_input(lA, sel, up_coef)
             bl = (lA.clamp(max=0).reshape(*lA.shape[:3], -1) * up_const.unsqueeze(1)).flatten(2).sum(2)
+            if alpha is not None and tiles:
+                lam, slack = self._alpha_lines(alpha, sel, lw, uw)
+                nl = to_input(lA, lam, up_coef)
+                bl = bl - (lA.clamp(min=0).reshape(*lA.shape[:3], -1) * slack).flatten(2).sum(2)
+            else:
+                nl = to_input(lA, sel, up_coef)
         if uA is not None:
             nu = to_input(uA, up_coef, sel)
             bu = (uA.clamp(min=0).reshape(*uA.shape[:3], -1) * up_const.unsqueeze(1)).flatten(2).sum(2)
