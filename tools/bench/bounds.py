@@ -48,6 +48,39 @@ def cnn7() -> nn.Module:
     )
 
 
+class _BasicBlock(nn.Module):
+    """torchvision's ``BasicBlock``: two 3×3 conv+BN, identity or 1×1 conv+BN shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+                     if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.down(x))
+
+
+def resnet18(num_classes: int = 10) -> nn.Module:
+    """``torchvision.models.resnet18`` layer for layer (7×7/2 stem, 3×3/2 max pool, four stages of
+    two basic blocks, 64-128-256-512 channels, global average pool), written out so the benchmark
+    needs no torchvision. At CIFAR shape (3×32×32) the stages run at 8, 4, 2 and 1 pixels."""
+    stages: list[nn.Module] = []
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        stages += [_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)]
+        cin = cout
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.MaxPool2d(3, stride=2, padding=1), *stages,
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes),
+    )
+
+
 def dense_crown(model: nn.Sequential, x: torch.Tensor, eps: float, C: torch.Tensor) -> torch.Tensor:
     """Hand-written CROWN for Linear/ReLU chains (matrix form, intermediate bounds by CROWN):
     the reference the engine's CROWN is compared with."""

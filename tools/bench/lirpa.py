@@ -21,7 +21,8 @@ comparison). ``Δ mean`` = certonnx exact − auto_LiRPA (> 0: certonnx tighter)
 
 Nets: VNN-COMP mnist_fc 256x2/4/6, ERAN relu 9x200 and sigmoid 6x200 (from ``../shared/data``
 or ``$CERTONNX_DATA``, skipped when absent), a one-conv MNIST net with MaxPool and the same with
-AvgPool (seeded random weights), and CNN7 (seeded, BatchNorm in eval mode; CROWN on one image).
+AvgPool (seeded random weights), CNN7 (seeded, BatchNorm in eval mode; CROWN on one image) and
+a ResNet-18 at CIFAR shape (torchvision's layout, seeded, one seeded random image, ε 1/255).
 """
 
 from __future__ import annotations
@@ -79,8 +80,20 @@ def _cnn7() -> nn.Module:
     return m.eval()
 
 
-def _export(model: nn.Module, path: Path) -> Path:
-    torch.onnx.export(model, (torch.rand(1, 1, 28, 28),), str(path), dynamo=False, opset_version=17,
+def _resnet18() -> nn.Module:
+    from tools.bench.bounds import resnet18
+
+    torch.manual_seed(0)
+    m = resnet18()
+    for mod in m.modules():  # non-trivial running statistics, as after training
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def _export(model: nn.Module, path: Path, shape: tuple[int, ...] = (1, 28, 28)) -> Path:
+    torch.onnx.export(model, (torch.rand(1, *shape),), str(path), dynamo=False, opset_version=17,
                       input_names=["x"], output_names=["y"])
     return path
 
@@ -96,22 +109,33 @@ def nets(tmp: Path, n: int, only: set[str] | None) -> list[Net]:
             out.append(Net(f"mnist_fc 256x{k}", base / "mnist_fc" / "onnx" / f"mnist-net_256x{k}.onnx", 0.02, n, full))
         out.append(Net("ERAN relu 9x200", base / "eran" / "nets" / "mnist_relu_9_200.onnx", 0.015, n, full))
         out.append(Net("ERAN sigmoid 6x200", base / "eran" / "nets" / "ffnnSIGMOID__Point_6x200.onnx", 0.012, n, full))
-    builders: list[tuple[str, Callable[[], nn.Module], float, int, tuple[str, ...]]] = [
-        ("conv+maxpool", lambda: _conv_net(nn.MaxPool2d), 0.02, 4, full),
-        ("conv+avgpool", lambda: _conv_net(nn.AvgPool2d), 0.02, 4, full),
-        ("CNN7", _cnn7, 0.002, 1, ("ibp", "crown")),
+    mnist, cifar = (1, 28, 28), (3, 32, 32)
+    builders: list[tuple[str, Callable[[], nn.Module], tuple[int, ...], float, int, tuple[str, ...]]] = [
+        ("conv+maxpool", lambda: _conv_net(nn.MaxPool2d), mnist, 0.02, 4, full),
+        ("conv+avgpool", lambda: _conv_net(nn.AvgPool2d), mnist, 0.02, 4, full),
+        ("CNN7", _cnn7, mnist, 0.002, 1, ("ibp", "crown")),
+        ("ResNet-18 (CIFAR)", _resnet18, cifar, 1 / 255, 1, ("ibp", "crown")),
     ]
-    for name, ctor, eps, k, methods in builders:
+    for name, ctor, shape, eps, k, methods in builders:
         if only is None or name in only:
-            out.append(Net(name, _export(ctor(), tmp / f"{name.replace('+', '_')}.onnx"), eps, k, methods))
+            file = tmp / f"{name.split()[0].replace('+', '_')}.onnx"
+            out.append(Net(name, _export(ctor(), file, shape), eps, k, methods))
     return [x for x in out if x.path.exists() and (only is None or x.name in only)]
 
 
 def _inputs(model: object, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    d = np.load(FIX / "mnist_200.npz")
-    x = torch.as_tensor(d["x_test"][:k], dtype=torch.float32) / 255.0
-    y = torch.as_tensor(d["y_test"][:k], dtype=torch.long)
-    return x.reshape(k, *model.sample_shape), y  # type: ignore[attr-defined]
+    """MNIST test images (the bundled fixture) for MNIST-shaped nets; for others (CIFAR shape)
+    seeded uniform images, labelled with the net's own predictions (no CIFAR data here)."""
+    shape = tuple(model.sample_shape)  # type: ignore[attr-defined]
+    if int(np.prod(shape)) == 28 * 28:  # any layout of one MNIST image
+        d = np.load(FIX / "mnist_200.npz")
+        x = torch.as_tensor(d["x_test"][:k], dtype=torch.float32) / 255.0
+        y = torch.as_tensor(d["y_test"][:k], dtype=torch.long)
+        return x.reshape(k, *shape), y
+    x = torch.rand(k, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model.module(x).argmax(-1)  # type: ignore[attr-defined]
+    return x, y
 
 
 def _ours(model: object, x: torch.Tensor, C: torch.Tensor, eps: float, method: str, steps: int,
