@@ -995,9 +995,9 @@ class BoundedModule:
                 cur = _interval(dctx.values[v])
                 shape = cur.lower.shape
                 # rows not recomputed keep the reference's bounds (their neurons are stable)
-                both = tight or through
-                lo = _write_rows(cur.lower.reshape(B, -1), idx, lb2[:, :k], torch.maximum if both else _new, through)
-                hi = _write_rows(cur.upper.reshape(B, -1), idx, -lb2[:, k:], torch.minimum if both else _new, through)
+                both, straight = tight or through, through and not tight
+                lo = _write_rows(cur.lower.reshape(B, -1), idx, lb2[:, :k], torch.maximum if both else _new, straight)
+                hi = _write_rows(cur.upper.reshape(B, -1), idx, -lb2[:, k:], torch.minimum if both else _new, straight)
                 dctx.values[v] = Interval(lo.reshape(shape), hi.reshape(shape))
                 now = Interval(lo.detach().reshape(shape), hi.detach().reshape(shape))
                 seen[v] = now.intersect(seen[v])

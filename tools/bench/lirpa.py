@@ -72,11 +72,15 @@ def _cnn7() -> nn.Module:
     from tools.bench.bounds import cnn7
 
     torch.manual_seed(0)
-    m = cnn7()
-    for mod in m.modules():  # non-trivial running statistics, as after training
+    return _trained_stats(cnn7())
+
+
+def _trained_stats(m: nn.Module) -> nn.Module:
+    """``m`` in eval mode with non-trivial BatchNorm running statistics, as after training."""
+    for mod in m.modules():
         if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
-            mod.running_mean.uniform_(-0.1, 0.1)
-            mod.running_var.uniform_(0.5, 1.5)
+            mod.running_mean.uniform_(-0.1, 0.1)  # type: ignore[union-attr]
+            mod.running_var.uniform_(0.5, 1.5)  # type: ignore[union-attr]
     return m.eval()
 
 
@@ -84,12 +88,7 @@ def _resnet18() -> nn.Module:
     from tools.bench.bounds import resnet18
 
     torch.manual_seed(0)
-    m = resnet18()
-    for mod in m.modules():  # non-trivial running statistics, as after training
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.1, 0.1)
-            mod.running_var.uniform_(0.5, 1.5)
-    return m.eval()
+    return _trained_stats(resnet18())
 
 
 def _export(model: nn.Module, path: Path, shape: tuple[int, ...] = (1, 28, 28)) -> Path:

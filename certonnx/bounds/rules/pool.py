@@ -254,10 +254,7 @@ class MaxPoolRule(Rule):
             if tiles:
                 # windows tile the input: the fold is a transpose (each element in one window;
                 # rows and columns past the last window get 0)
-                ho, wo = A.shape[-2:]
-                img = Aw.reshape(Bn, S, C, k[0], k[1], ho, wo).permute(0, 1, 2, 5, 3, 6, 4)
-                img = img.reshape(Bn, S, C, ho * k[0], wo * k[1])
-                return img if (ho * k[0], wo * k[1]) == (H, W) else F.pad(img, (0, W - wo * k[1], 0, H - ho * k[0]))
+                return self._from_windows(Aw, (H, W))
             cols = Aw.reshape(Bn * S * C, kk, -1)
             img = F.fold(cols, (Hp, Wp), k, dilation=d, stride=s)  # sums overlapping windows
             img = img.reshape(Bn, S, C, Hp, Wp)
